@@ -1,0 +1,131 @@
+"""Stage-1 data: run an expert through the multi-trial loop, then keep what the evaluator approves.
+
+``DIR/trajectories.jsonl`` holds every record the expert produced (failures too), appended task
+chunk by task chunk; ``DIR/progress.json`` lists the finished task ids and is replaced atomically
+after each chunk, so a killed collection resumes without losing or duplicating a task.
+``DIR/planner.jsonl`` and ``DIR/reflector.jsonl`` are the filtered IL samples (SPEC §2.2) with
+zero-shot prompts (SPEC §2.3), and ``DIR/stats.json`` counts what was kept and dropped, and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from retroact.agent import prompts
+from retroact.agent.loop import LoopConfig, run_trials
+from retroact.agent.records import (
+    TrajectoryRecord,
+    append_records,
+    dump_json,
+    read_records,
+    write_records,
+)
+from retroact.envs import get_spec, list_tasks
+from retroact.models.base import Policy
+
+log = logging.getLogger(__name__)
+
+
+def filter_il_samples(
+    records: Iterable[TrajectoryRecord], *, fewshot: bool = False
+) -> tuple[list[TrajectoryRecord], list[TrajectoryRecord], dict[str, Counter[str]]]:
+    """Planner samples = successful trials; reflector samples = reflections followed by a success."""
+    planner: list[TrajectoryRecord] = []
+    reflector: list[TrajectoryRecord] = []
+    why: dict[str, Counter[str]] = {"planner": Counter(), "reflector": Counter()}
+    for rec in records:
+        reason = _drop_reason(rec)
+        if reason:
+            why[rec.role][reason] += 1
+            continue
+        why[rec.role]["kept"] += 1
+        if fewshot and rec.role == "planner":
+            rec = _zero_shot(rec)
+        (planner if rec.role == "planner" else reflector).append(rec)
+    return planner, reflector, why
+
+
+def _drop_reason(rec: TrajectoryRecord) -> str | None:
+    if rec.error:
+        return "error"
+    if not rec.output.strip():
+        return "empty output"
+    if rec.role == "planner":
+        return None if rec.success else "trial failed"
+    if rec.next_reward is None:
+        return "no later trial"
+    return None if rec.success else "next trial failed"
+
+
+def _zero_shot(rec: TrajectoryRecord) -> TrajectoryRecord:
+    """The student's prompt: the expert's few-shot exemplars removed (SPEC §2.3)."""
+    style = get_spec(rec.env).prompts
+    memory = [str(m) for m in rec.info.get("memory", [])]  # type: ignore[union-attr]
+    first_obs = str(rec.info.get("first_observation", ""))
+    text = prompts.planner_prompt(style, memory, first_obs, fewshot=False)
+    return rec.model_copy(update={"prompt": text, "prompt_ids": None, "output_ids": None,
+                                  "loss_mask": None, "behaviour_logprobs": None})
+
+
+def collect(
+    env: str,
+    planner: Policy,
+    reflector: Policy | None,
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    n_tasks: int | None = None,
+    task_seed: int = 0,
+    config: LoopConfig | None = None,
+    chunk_size: int = 32,
+    on_episode: Callable[[], None] | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> dict[str, object]:
+    """Collect (or resume collecting) expert data for IL; returns the stats written to stats.json."""
+    cfg = config or LoopConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw, progress_file = out / "trajectories.jsonl", out / "progress.json"
+    tasks = list_tasks(env, split, n_tasks, task_seed)
+    done: list[str] = json.loads(progress_file.read_text())["done"] if progress_file.exists() else []
+    done_set = set(done)
+    if raw.exists():  # drop records of a chunk that a kill interrupted before progress.json said so
+        kept = [r for r in read_records(raw) if r.task_id in done_set]
+        write_records(raw, kept)
+    todo = [t for t in tasks if t.id not in done_set]
+    if on_chunk:
+        on_chunk(len(tasks) - len(todo), len(tasks))
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        result = run_trials(env, chunk, planner, reflector, cfg, on_episode=on_episode)
+        append_records(raw, result.records)
+        done += [t.id for t in chunk]
+        dump_json(progress_file, {"done": done})
+        if on_chunk:
+            on_chunk(len(done), len(tasks))
+    records = read_records(raw)
+    planner_recs, reflector_recs, why = filter_il_samples(records, fewshot=cfg.fewshot)
+    write_records(out / "planner.jsonl", planner_recs)
+    write_records(out / "reflector.jsonl", reflector_recs)
+    planner_trials = [r for r in records if r.role == "planner"]
+    first = [r for r in planner_trials if r.trial == 0]
+    stats: dict[str, object] = {
+        "env": env,
+        "split": split,
+        "expert": {"planner": planner.info.name, "reflector": reflector.info.name if reflector else None},
+        "episodes": len(first),
+        "trials": len(planner_trials),
+        "reflections": sum(r.role == "reflector" for r in records),
+        "errors": sum(r.error is not None for r in records),
+        "solved": len({r.task_id for r in planner_trials if r.success}),
+        "trial1_success": sum(r.success for r in first) / max(len(first), 1),
+        "kept": {"planner": len(planner_recs), "reflector": len(reflector_recs)},
+        "dropped": {role: {k: v for k, v in c.items() if k != "kept"} for role, c in why.items()},
+        "config": cfg.model_dump(),
+    }
+    dump_json(out / "stats.json", stats)
+    return stats

@@ -1,0 +1,121 @@
+"""The policy interface: what the agent loop asks of a model and what it gets back.
+
+A context is a list of :class:`Segment` s. Prompt and env segments are tokenised once, when the
+loop creates them, by the policy that will read them; model segments carry the token ids and
+behaviour log-probs exactly as sampled. A policy's input ids are the concatenation of its
+segments' ids, so a loss later sees the very tokens the model saw (no re-tokenisation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from retroact.envs.base import Task
+
+Role = Literal["planner", "reflector"]
+SegmentKind = Literal["prompt", "model", "env"]
+
+
+@dataclass
+class Segment:
+    kind: SegmentKind
+    text: str
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    """Behaviour log-probs of sampled tokens (model segments of tokenised policies only)."""
+
+
+@dataclass(frozen=True)
+class PlannerView:
+    """What the planner sees, structured for scripted experts.
+
+    ``task`` is there for oracle experts that are allowed privileged data (e.g. HotpotQA's
+    supporting facts); honest experts (household) use only the observations and memory.
+    """
+
+    task: Task
+    first_observation: str
+    memory: tuple[str, ...]
+    history: tuple[tuple[str, str], ...]
+    """(action line, observation) pairs so far."""
+    trial: int
+
+
+@dataclass(frozen=True)
+class ReflectorView:
+    task: Task
+    first_observation: str
+    memory: tuple[str, ...]
+    history: tuple[tuple[str, str], ...]
+    reward: float
+    trial: int
+
+
+@dataclass
+class GenRequest:
+    role: Role
+    segments: list[Segment]
+    view: PlannerView | ReflectorView
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+    @property
+    def token_ids(self) -> list[int]:
+        ids: list[int] = []
+        for s in self.segments:
+            if s.token_ids is None:
+                raise ValueError("segment was not tokenised; call Policy.encode when creating it")
+            ids.extend(s.token_ids)
+        return ids
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    """Log-prob of each sampled token under the sampling distribution, recorded at sampling time."""
+    finish_reason: Literal["stop", "length", "eos", "error"] = "stop"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    """0 is greedy; then the recorded log-probs are those of the untempered model (T = 1)."""
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    stop: tuple[str, ...] = ("\n",)
+    seed: int = 0
+
+
+@dataclass
+class PolicyInfo:
+    name: str
+    version: int = 0
+    """Adapter version: bumped by every RL iteration that updates the adapters."""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Policy(Protocol):
+    """A planner/reflector backend: an HF model with adapters, an API model, or a scripted expert."""
+
+    info: PolicyInfo
+
+    @property
+    def tokenized(self) -> bool:
+        """Whether this policy works in token space (then ``encode`` returns ids)."""
+        ...
+
+    def encode(self, text: str, *, first: bool = False) -> list[int] | None:
+        """Token ids of a prompt (``first``: add BOS) or env segment; None for text-only policies."""
+        ...
+
+    def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:
+        """One generation per request, all requests of one role, batched where the backend can."""
+        ...
