@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from retroact.models.base import Policy
 
-MAX_ACTION_CHARS = 300
+MAX_ACTION_CHARS = 600
 """Model outputs longer than this are cut before an env parses them."""
 
 
@@ -29,7 +29,7 @@ class StepResult:
     reward: float = 0.0
     done: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-    """``success`` (bool) is set when the trial ends; ``valid`` (bool) says whether the action parsed."""
+    """``success`` (bool) is set when the trial ends; ``valid`` (bool) says whether the env accepted the action."""
 
 
 @runtime_checkable
