@@ -29,7 +29,7 @@ class StepResult:
     reward: float = 0.0
     done: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-    """``success`` (bool) is set when the trial ends; ``valid`` (bool) says whether the env accepted the action."""
+    """``success`` (bool) is set when the trial ends; ``valid`` (bool): the env accepted the action."""
 
 
 @runtime_checkable
