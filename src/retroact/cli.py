@@ -21,7 +21,9 @@ console = Console()
 
 EnvOpt = Annotated[str, typer.Option("--env", help="Environment name (see `retroact envs`).")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Task split.")]
-TasksOpt = Annotated[int | None, typer.Option("--tasks", min=1, help="Number of tasks (default: whole split).")]
+TasksOpt = Annotated[
+    int | None, typer.Option("--tasks", min=1, help="Number of tasks (default: whole split).")
+]
 TrialsOpt = Annotated[int, typer.Option("--trials", min=1, help="Trials per task.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
 MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Steps per trial (env default).")]
@@ -30,12 +32,26 @@ TempOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Most episodes per generation call.")]
 
 
-def _loop_config(trials: int, max_steps: int | None, temperature: float, seed: int, batch_size: int,
-                 reflect: bool = True, fewshot: bool = False):  # type: ignore[no-untyped-def]
+def _loop_config(
+    trials: int,
+    max_steps: int | None,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    reflect: bool = True,
+    fewshot: bool = False,
+):  # type: ignore[no-untyped-def]
     from retroact.agent.loop import LoopConfig
 
-    return LoopConfig(trials=trials, max_steps=max_steps, temperature=temperature, seed=seed,
-                      batch_size=batch_size, reflect=reflect, fewshot=fewshot)
+    return LoopConfig(
+        trials=trials,
+        max_steps=max_steps,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        reflect=reflect,
+        fewshot=fewshot,
+    )
 
 
 @app.command("envs")
@@ -54,8 +70,12 @@ def envs_cmd() -> None:
 @app.command("eval")
 def eval_cmd(
     env: EnvOpt = "household",
-    planner: Annotated[str, typer.Option(help="`expert`, `openai:MODEL`, or a model/checkpoint path.")] = "expert",
-    reflector: Annotated[str, typer.Option(help="As --planner, or `none` for no reflection (ReAct).")] = "expert",
+    planner: Annotated[
+        str, typer.Option(help="`expert`, `openai:MODEL`, or a model/checkpoint path.")
+    ] = "expert",
+    reflector: Annotated[
+        str, typer.Option(help="As --planner, or `none` for no reflection (ReAct).")
+    ] = "expert",
     split: SplitOpt = "test",
     tasks: TasksOpt = 20,
     trials: TrialsOpt = 3,
@@ -70,10 +90,25 @@ def eval_cmd(
     from retroact.models import load_policies
 
     planner_policy, reflector_policy = load_policies(env, planner, reflector)
-    cfg = _loop_config(trials, max_steps, temperature, seed, batch_size, reflect=reflector_policy is not None,
-                       fewshot=planner.startswith("openai:"))
-    results = evaluate(env, planner_policy, reflector_policy, split=split, n_tasks=tasks, task_seed=seed,
-                       config=cfg, out_dir=out)
+    cfg = _loop_config(
+        trials,
+        max_steps,
+        temperature,
+        seed,
+        batch_size,
+        reflect=reflector_policy is not None,
+        fewshot=planner.startswith("openai:"),
+    )
+    results = evaluate(
+        env,
+        planner_policy,
+        reflector_policy,
+        split=split,
+        n_tasks=tasks,
+        task_seed=seed,
+        config=cfg,
+        out_dir=out,
+    )
     print_results(results, console)
     console.print(f"wrote {out / 'results.json'} and {out / 'trajectories.jsonl'}")
 
@@ -81,7 +116,9 @@ def eval_cmd(
 @app.command("collect")
 def collect_cmd(
     env: EnvOpt = "household",
-    expert: Annotated[str, typer.Option(help="`expert` (scripted), `openai:MODEL`, or a model path.")] = "expert",
+    expert: Annotated[
+        str, typer.Option(help="`expert` (scripted), `openai:MODEL`, or a model path.")
+    ] = "expert",
     split: SplitOpt = "train",
     tasks: TasksOpt = None,
     trials: TrialsOpt = 3,
@@ -100,11 +137,230 @@ def collect_cmd(
     cfg = _loop_config(trials, max_steps, 0.0, seed, batch_size, fewshot=not expert == "expert")
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"collect {env}/{split}", total=None)
-        stats = collect(env, planner_policy, reflector_policy, out, split=split, n_tasks=tasks, task_seed=seed,
-                        config=cfg, on_chunk=lambda done, total: progress.update(bar, completed=done, total=total))
-    console.print(f"episodes {stats['episodes']}, trial-1 success {stats['trial1_success']:.1%}, "
-                  f"kept {stats['kept']}, dropped {stats['dropped']}")
+        stats = collect(
+            env,
+            planner_policy,
+            reflector_policy,
+            out,
+            split=split,
+            n_tasks=tasks,
+            task_seed=seed,
+            config=cfg,
+            on_chunk=lambda done, total: progress.update(bar, completed=done, total=total),
+        )
+    console.print(
+        f"episodes {stats['episodes']}, trial-1 success {stats['trial1_success']:.1%}, "
+        f"kept {stats['kept']}, dropped {stats['dropped']}"
+    )
     console.print(f"wrote {out}/planner.jsonl, {out}/reflector.jsonl, {out}/stats.json")
+
+
+@app.command("init-model")
+def init_model_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to.")],
+    envs: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated envs whose text trains the tokenizer (default: all built-in envs)."
+        ),
+    ] = None,
+    corpus_tasks: Annotated[
+        int, typer.Option(min=1, help="Expert-run train tasks per env for the corpus.")
+    ] = 300,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML with TinyModelConfig fields (sizes, seed).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing model directory.")] = False,
+) -> None:
+    """Build the default tiny model offline: a BPE tokenizer trained on env text and a small random Llama."""
+    from retroact.config import load_config
+    from retroact.models.corpus import available_builtin_envs, env_corpus
+    from retroact.models.tiny import TinyModelConfig, build_tiny_model
+
+    if (out / "config.json").exists() and not force:
+        console.print(f"{out} already holds a model; pass --force to rebuild it")
+        return
+    cfg = load_config(config, TinyModelConfig)
+    names = envs.split(",") if envs else available_builtin_envs()
+    with console.status(f"training the tokenizer on expert text from {', '.join(names)}"):
+        texts = list(env_corpus(names, n_tasks=corpus_tasks))
+        build_tiny_model(out, texts, cfg)
+    console.print(
+        f"wrote a {cfg.num_layers}-layer, {cfg.hidden_size}-wide Llama and its tokenizer "
+        f"({len(texts)} corpus texts) to {out}"
+    )
+
+
+@app.command("il")
+def il_cmd(
+    data: Annotated[Path, typer.Option(help="Output directory of `retroact collect`.")],
+    model: Annotated[Path, typer.Option(help="Base model directory (e.g. from `retroact init-model`).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory (resumed if it holds an unfinished run).")],
+    config: Annotated[Path | None, typer.Option(help="ILConfig YAML (see configs/il.yaml).")] = None,
+    shared: Annotated[bool | None, typer.Option("--shared", help="One adapter for both roles.")] = None,
+    finetune: Annotated[str | None, typer.Option(help="`lora` or `full` (overrides the config).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Overrides the config.")] = None,
+) -> None:
+    """Stage 1: imitation learning of the planner and reflector adapters on collected expert data."""
+    from retroact.config import load_config
+    from retroact.train.il import ILConfig, train_il
+
+    cfg = load_config(config, ILConfig, shared=shared, finetune=finetune, epochs=epochs)
+    summary = train_il(data, model, out, cfg)
+    console.print(
+        f"trained {', '.join(summary.units)} ({summary.finetune}): {summary.optimizer_steps} steps, "
+        f"{summary.tokens_per_s:.0f} tokens/s; checkpoint in {out}"
+    )
+
+
+@app.command("rl")
+def rl_cmd(
+    init: Annotated[Path, typer.Option(help="IL checkpoint to start from.")],
+    data: Annotated[Path, typer.Option(help="IL data directory (for the L_IL regulariser).")],
+    out: Annotated[Path, typer.Option(help="Run directory (resumed if it exists).")],
+    config: Annotated[Path | None, typer.Option(help="RLConfig YAML (see configs/rl.yaml).")] = None,
+    iterations: Annotated[int | None, typer.Option(min=1, help="Overrides the config.")] = None,
+) -> None:
+    """Stage 2: off-policy joint policy gradient with the IL regulariser (checkpoint: RUN/latest/ckpt)."""
+    from retroact.config import load_config
+    from retroact.train.rl import RLConfig, train_rl
+
+    cfg = load_config(config, RLConfig, iterations=iterations)
+    history = train_rl(init, data, out, cfg, console=console)
+    console.print(f"{len(history)} iteration(s) this call; checkpoint in {out / 'latest' / 'ckpt'}")
+
+
+data_app = typer.Typer(
+    help="Benchmark data: where it is, and importers of public trajectories.", no_args_is_help=False
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.callback(invoke_without_command=True)
+def data_cmd(ctx: typer.Context) -> None:
+    """Where the benchmark data is read from and how to get the full datasets."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from retroact.envs.hotpotqa_data import describe as hotpotqa
+    from retroact.paths import data_root
+
+    root = data_root()
+    console.print(
+        f"data root: {root} ({'found' if root.is_dir() else 'MISSING'}; set RETROACT_DATA to move it)\n"
+    )
+    console.print(hotpotqa(), markup=False)
+    for name, what in [
+        (
+            "intercode_sql",
+            "ic_spider_dev.json (1034 Spider-dev tasks) + sqlite/<db>.sqlite; test = tasks 0-99",
+        ),
+        (
+            "alfworld",
+            "json_2.1.1/{valid_train,valid_seen,valid_unseen} game files (needs `retroact[alfworld]`)",
+        ),
+    ]:
+        console.print(
+            f"\n{name}: {root / name} ({'found' if (root / name).is_dir() else 'MISSING'})\n  {what}"
+        )
+
+
+@data_app.command("import-fireact")
+def import_fireact_cmd(
+    out: Annotated[Path, typer.Argument(help="Output JSONL of planner IL records.")],
+    path: Annotated[
+        Path | None, typer.Option(help="FireAct alpaca JSON (default: the shared data copy).")
+    ] = None,
+) -> None:
+    """FireAct's GPT-4 HotpotQA trajectories as planner IL records (marked import:fireact-gpt4)."""
+    from retroact.data.import_fireact import import_to_jsonl
+
+    console.print(import_to_jsonl(out, path).as_dict())
+
+
+@data_app.command("import-intercode")
+def import_intercode_cmd(
+    out: Annotated[Path, typer.Argument(help="Output JSONL of planner IL records.")],
+    trajectories: Annotated[Path | None, typer.Option(help="InterCode GPT-4 trajectory JSON.")] = None,
+    include_test: Annotated[bool, typer.Option(help="Also import test-split tasks (0-99).")] = False,
+) -> None:
+    """InterCode's successful GPT-4 SQL episodes as planner IL records, MySQL commands converted."""
+    from retroact.data.import_intercode import import_to_jsonl
+
+    splits = ("train", "test") if include_test else ("train",)
+    console.print(import_to_jsonl(out, trajectories, splits=splits).as_dict())
+
+
+def _run_experiment(config: Path, out: Path, fresh: bool, command: str) -> None:
+    import shutil
+
+    from retroact.config import load_config
+    from retroact.eval.experiment import Experiment, ExperimentConfig
+    from retroact.eval.report import results_rich_table, write_report
+
+    cfg = load_config(config, ExperimentConfig)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = Experiment(cfg, out, console).run()
+    report = write_report(results, out, command=command)
+    console.print(results_rich_table(results))
+    console.print(f"report: {report}   results: {out / 'results.json'}")
+
+
+@app.command("experiment")
+def experiment_cmd(
+    config: Annotated[
+        Path, typer.Argument(help="ExperimentConfig YAML (see configs/demo.yaml, configs/paper/).")
+    ],
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<config name>).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Delete OUT first instead of reusing finished stages.")] = False,
+) -> None:
+    """Run methods and ablations over seeds; writes OUT/results.json, OUT/report.md and plots."""
+    out = out or Path("runs") / config.stem
+    _run_experiment(config, out, fresh, f"retroact experiment {config} --out {out}")
+
+
+@app.command("demo")
+def demo_cmd(
+    quick: Annotated[bool, typer.Option(help="Smoke-check sizes (a few minutes).")] = False,
+    fresh: Annotated[bool, typer.Option(help="Start over instead of reusing finished stages.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default: runs/demo or runs/demo-quick).")
+    ] = None,
+) -> None:
+    """End-to-end demo on the household world with the tiny model: init, collect, IL, RL, eval, report."""
+    from retroact.paths import REPO_ROOT
+
+    name = "demo-quick" if quick else "demo"
+    config = REPO_ROOT / "configs" / f"{name}.yaml"
+    out = out or Path("runs") / name
+    _run_experiment(config, out, fresh, f"retroact demo{' --quick' if quick else ''}")
+
+
+@app.command("readme-results")
+def readme_results_cmd(
+    results: Annotated[
+        Path, typer.Argument(help="results.json of an experiment (e.g. runs/demo/results.json).")
+    ],
+    readme: Annotated[Path, typer.Option(help="README to update between the results markers.")] = Path(
+        "README.md"
+    ),
+    command: Annotated[str, typer.Option(help="Command that reproduces the results.")] = "make run",
+) -> None:
+    """Replace the README's generated results block with the table of a real run."""
+    import json
+
+    from retroact.eval.report import results_markdown
+
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: no {start} ... {end} block to replace")
+    table = results_markdown(json.loads(results.read_text(encoding="utf-8")))
+    block = f"{start}\nGenerated from `{results}`; reproduce with `{command}`.\n\n{table}{end}"
+    head, rest = text.split(start, 1)
+    readme.write_text(head + block + rest.split(end, 1)[1], encoding="utf-8")
+    console.print(f"updated {readme}")
 
 
 def main() -> None:
@@ -113,9 +369,12 @@ def main() -> None:
     from retroact.config import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown our own progress lines
     try:
         app()
-    except (ConfigError, RecordFileError, FileNotFoundError, ValueError, KeyError) as err:
+    except (ConfigError, RecordFileError, OSError, ValueError, KeyError) as err:
         console.print(f"[red]error:[/red] {err.args[0] if isinstance(err, KeyError) else err}")
         sys.exit(2)
 

@@ -88,6 +88,8 @@ class _Episode:
     last_action: str | None = None
     done: bool = False
     error: str | None = None
+    n_valid: int = 0
+    repeat_stop: bool = False
 
     @property
     def reward(self) -> float:
@@ -136,8 +138,9 @@ class _Runner:
             seed=zlib.crc32(key),
         )
 
-    def _generate(self, policy: Policy, role: Role, requests: list[GenRequest], trial: int, step: int
-                  ) -> list[Generation]:
+    def _generate(
+        self, policy: Policy, role: Role, requests: list[GenRequest], trial: int, step: int
+    ) -> list[Generation]:
         """Batched generation in chunks of similar length (less padding)."""
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].text))
         out: list[Generation | None] = [None] * len(requests)
@@ -160,19 +163,25 @@ class _Runner:
             except Exception as err:  # noqa: BLE001 - recorded, the run goes on
                 self._fail(ep, f"reset failed: {type(err).__name__}: {err}")
                 continue
-            text = prompts.planner_prompt(self.spec.prompts, ep.memory, ep.first_obs, fewshot=self.cfg.fewshot)
+            text = prompts.planner_prompt(
+                self.spec.prompts, ep.memory, ep.first_obs, fewshot=self.cfg.fewshot
+            )
             ep.segments = [self._segment(self.planner, "prompt", text)]
         for step in range(self.max_steps):
             active = [ep for ep in episodes if not ep.done]
             if not active:
                 break
             requests = [
-                GenRequest("planner", ep.segments, PlannerView(
-                    ep.task, ep.first_obs, ep.memory, tuple(ep.history), ep.trial))
+                GenRequest(
+                    "planner",
+                    ep.segments,
+                    PlannerView(ep.task, ep.first_obs, ep.memory, tuple(ep.history), ep.trial),
+                )
                 for ep in active
             ]
-            for ep, gen in zip(active, self._generate(self.planner, "planner", requests, active[0].trial, step),
-                               strict=True):
+            for ep, gen in zip(
+                active, self._generate(self.planner, "planner", requests, active[0].trial, step), strict=True
+            ):
                 self._advance(ep, gen, final_step=step == self.max_steps - 1)
         for ep in episodes:
             ep.done = True
@@ -189,7 +198,7 @@ class _Runner:
         self.stats["actions"] += 1
         if action and action == ep.last_action:
             self.stats["repeats"] += 1
-            ep.done = True
+            ep.done = ep.repeat_stop = True
             return
         ep.last_action = action
         try:
@@ -198,12 +207,15 @@ class _Runner:
         except Exception as err:  # noqa: BLE001
             self._fail(ep, f"env step failed: {type(err).__name__}: {err}")
             return
+        ep.n_valid += int(result.info.get("valid", True))
         self.stats["valid"] += int(result.info.get("valid", True))
         ep.last = result
         ep.history.append((action, result.observation))
         ep.done = result.done or final_step
         obs = prompts.observation_text(result.observation)
-        ep.segments.append(self._segment(self.planner, "env", obs if ep.done else obs + self.spec.prompts.step_prefix))
+        ep.segments.append(
+            self._segment(self.planner, "env", obs if ep.done else obs + self.spec.prompts.step_prefix)
+        )
 
     def _fail(self, ep: _Episode, error: str) -> None:
         ep.error, ep.done = error, True
@@ -214,14 +226,30 @@ class _Runner:
         token_fields: dict[str, object] = {}
         if self.planner.tokenized and prompt.token_ids is not None:
             ids, mask, logprobs = flatten_output(out)
-            token_fields = dict(prompt_ids=prompt.token_ids, output_ids=ids, loss_mask=mask,
-                                behaviour_logprobs=logprobs)
+            token_fields = dict(
+                prompt_ids=prompt.token_ids, output_ids=ids, loss_mask=mask, behaviour_logprobs=logprobs
+            )
         return TrajectoryRecord(
-            env=self.spec.name, split=ep.task.split, task_id=ep.task.id, role="planner", trial=ep.trial,
-            adapter_version=self.planner.info.version, source=self.planner.info.name, prompt=prompt.text,
+            env=self.spec.name,
+            split=ep.task.split,
+            task_id=ep.task.id,
+            role="planner",
+            trial=ep.trial,
+            adapter_version=self.planner.info.version,
+            source=self.planner.info.name,
+            prompt=prompt.text,
             segments=[OutputSegment(kind=s.kind, text=s.text) for s in out],  # type: ignore[arg-type]
-            reward=ep.reward, success=ep.success, n_steps=len(ep.history), error=ep.error,
-            info={"memory": list(ep.memory), "first_observation": ep.first_obs}, **token_fields,
+            reward=ep.reward,
+            success=ep.success,
+            n_steps=len(ep.history),
+            error=ep.error,
+            info={
+                "memory": list(ep.memory),
+                "first_observation": ep.first_obs,
+                "valid_actions": ep.n_valid,
+                "repeat_stop": ep.repeat_stop,
+            },
+            **token_fields,
         )
 
     # -- reflection round over the failed episodes of one trial
@@ -243,12 +271,24 @@ class _Runner:
             prompt = req.segments[0]
             token_fields: dict[str, object] = {}
             if gen.token_ids is not None and gen.logprobs is not None and prompt.token_ids is not None:
-                token_fields = dict(prompt_ids=prompt.token_ids, output_ids=gen.token_ids,
-                                    loss_mask=[1] * len(gen.token_ids), behaviour_logprobs=gen.logprobs)
+                token_fields = dict(
+                    prompt_ids=prompt.token_ids,
+                    output_ids=gen.token_ids,
+                    loss_mask=[1] * len(gen.token_ids),
+                    behaviour_logprobs=gen.logprobs,
+                )
             rec = TrajectoryRecord(
-                env=self.spec.name, split=ep.task.split, task_id=ep.task.id, role="reflector", trial=ep.trial,
-                adapter_version=self.reflector.info.version, source=self.reflector.info.name, prompt=prompt.text,
-                segments=[OutputSegment(kind="model", text=gen.text)], reward=ep.reward, error=error,
+                env=self.spec.name,
+                split=ep.task.split,
+                task_id=ep.task.id,
+                role="reflector",
+                trial=ep.trial,
+                adapter_version=self.reflector.info.version,
+                source=self.reflector.info.name,
+                prompt=prompt.text,
+                segments=[OutputSegment(kind="model", text=gen.text)],
+                reward=ep.reward,
+                error=error,
                 **token_fields,
             )
             out[ep.task.id] = ("" if error else gen.text.strip(), rec)
@@ -302,7 +342,7 @@ def run_trials(
                 pending[task_id] = rec
                 if text:
                     kept = (*memory[task_id], text)
-                    memory[task_id] = kept if spec.memory_size is None else kept[-spec.memory_size:]
+                    memory[task_id] = kept if spec.memory_size is None else kept[-spec.memory_size :]
     finally:
         run.pool.shutdown(wait=False, cancel_futures=True)
     return LoopResult(

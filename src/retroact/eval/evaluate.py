@@ -33,8 +33,12 @@ def evaluate(
     tasks = list_tasks(env, split, n_tasks, task_seed)
     start = time.perf_counter()
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        disable=not show_progress, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not show_progress,
+        transient=True,
     ) as progress:
         bar = progress.add_task(f"eval {env}/{split}", total=len(tasks) * cfg.trials)
         result = run_trials(env, tasks, planner, reflector, cfg, on_episode=lambda: progress.advance(bar))
@@ -46,8 +50,16 @@ def evaluate(
     return results
 
 
-def results_dict(env: str, split: str, result: LoopResult, planner: Policy, reflector: Policy | None,
-                 cfg: LoopConfig, *, seconds: float) -> dict[str, object]:
+def results_dict(
+    env: str,
+    split: str,
+    result: LoopResult,
+    planner: Policy,
+    reflector: Policy | None,
+    cfg: LoopConfig,
+    *,
+    seconds: float,
+) -> dict[str, object]:
     per_trial_reward = result.per_trial_reward
     return {
         "env": env,
@@ -61,8 +73,8 @@ def results_dict(env: str, split: str, result: LoopResult, planner: Policy, refl
         **trial_summary(per_trial_reward),
         "n_errors": result.n_errors,
         "valid_action_rate": result.n_valid_actions / max(result.n_actions, 1),
-        "repeat_stop_rate": result.n_repeat_stops / max(len([r for r in result.records
-                                                              if r.role == "planner"]), 1),
+        "repeat_stop_rate": result.n_repeat_stops
+        / max(len([r for r in result.records if r.role == "planner"]), 1),
         "seconds": round(seconds, 2),
         "task_ids": result.task_ids,
         "config": cfg.model_dump(),

@@ -1,0 +1,114 @@
+"""Paper-style results table (markdown) and plots (PNG) from an experiment's results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+
+def _cell(m: dict[str, Any], key: str) -> str:
+    value = f"{100 * m[key]:.1f}"
+    return value + (f" ± {100 * m[f'{key}_std']:.1f}" if m.get("seeds", 1) > 1 else "")
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The IR/FR/AR table (×100) plus trial-1 and last-trial success."""
+    seeds = max((m["seeds"] for m in results["methods"].values()), default=1)
+    lines = [
+        f"{results['env']} / {results['split']}: {results['n_tasks']} tasks, {results['trials']} trials, "
+        f"model `{results['model']}`, {seeds} seed(s); reward ×100"
+        + (" (mean ± std over seeds)" if seeds > 1 else ""),
+        "",
+        "| Method | IR | FR | AR | success trial 1 | success last trial |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in results["methods"].items():
+        lines.append(
+            f"| {name} | {_cell(m, 'IR')} | {_cell(m, 'FR')} | {_cell(m, 'AR')} | "
+            f"{100 * m['IR_success']:.1f}% | {100 * m['FR_success']:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def results_rich_table(results: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"{results['env']} / {results['split']}: {results['n_tasks']} tasks, {results['trials']} trials"
+    )
+    for col in ("Method", "IR", "FR", "AR", "success T1", "success last"):
+        table.add_column(col, justify="left" if col == "Method" else "right")
+    for name, m in results["methods"].items():
+        table.add_row(
+            name,
+            _cell(m, "IR"),
+            _cell(m, "FR"),
+            _cell(m, "AR"),
+            f"{100 * m['IR_success']:.1f}%",
+            f"{100 * m['FR_success']:.1f}%",
+        )
+    return table
+
+
+def plot_per_trial(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, m in results["methods"].items():
+        rewards = m["per_trial_reward"]
+        ax.plot(range(1, len(rewards) + 1), rewards, marker="o", label=name)
+    ax.set(
+        xlabel="trial", ylabel="mean reward", title=f"Reward per trial ({results['env']}, {results['split']})"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(results: dict[str, Any], path: Path) -> Path | None:
+    curves = {k: v for k, v in results.get("learning_curves", {}).items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, points in curves.items():
+        ax.plot([p["episodes"] for p in points], [p["train_reward"] for p in points], marker="o", label=name)
+    ax.set(
+        xlabel="environment episodes (rollout trials)",
+        ylabel="train reward (mean over trials)",
+        title="RL learning curve",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out: Path, *, command: str) -> Path:
+    """``out/report.md`` with the table, the plots and the command that reproduces them."""
+    out.mkdir(parents=True, exist_ok=True)
+    per_trial = plot_per_trial(results, out / "per_trial_reward.png")
+    curve = plot_learning_curves(results, out / "rl_learning_curve.png")
+    parts = [
+        "# RetroAct results\n",
+        f"Reproduce with `{command}` ({results['seconds']:.0f} s for the stages run in the last call).\n",
+        results_markdown(results),
+        f"![reward per trial]({per_trial.name})\n",
+    ]
+    if curve:
+        parts.append(f"![RL learning curve]({curve.name})\n")
+    report = out / "report.md"
+    report.write_text("\n".join(parts), encoding="utf-8")
+    return report

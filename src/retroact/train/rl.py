@@ -1,0 +1,420 @@
+"""Stage 2 (``retroact rl``): iterations of rollout -> replay buffer -> joint policy-gradient update.
+
+Layout of a run directory::
+
+    RUN/buffer/iter_0000.jsonl   rollout records of iteration 0 (policy version 0), written atomically
+    RUN/latest/                  checkpoint (manifest version = finished iterations), optimizer state,
+                                 state.json; replaced as a whole after each iteration
+    RUN/metrics.jsonl            one line per iteration
+
+A kill during a rollout leaves no buffer file for that iteration (it is rolled out again); a
+kill during an update leaves the buffer file, which the resumed run reuses as it is. Either way
+the buffer holds each iteration's records exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from retroact.agent.loop import LoopConfig, run_trials
+from retroact.agent.records import TrajectoryRecord, read_records, write_records
+from retroact.data.il_dataset import ILExample, collate_examples, length_batches, load_role_data
+from retroact.envs import list_tasks
+from retroact.eval.evaluate import evaluate
+from retroact.models.base import Role
+from retroact.models.checkpoint import replace_dir
+from retroact.models.hf import HFPolicy
+from retroact.models.logprobs import collate, token_logprobs
+from retroact.train.common import (
+    MetricsLog,
+    Trainable,
+    clip_and_step,
+    load_state,
+    load_tokenizer,
+    make_optimizer,
+    save_state,
+    set_num_threads,
+    write_checkpoint,
+)
+from retroact.train.jpg import Normalisation, Objective, il_loss, joint_loss, rl_loss
+from retroact.train.rewards import RewardConfig, RLSample, build_samples
+
+log = logging.getLogger(__name__)
+ROLES: tuple[Role, ...] = ("planner", "reflector")
+
+
+class RLConfig(BaseModel):
+    """Settings of ``retroact rl`` (YAML keys are these field names; unknown keys are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    env: str = Field("household", description="Environment to roll out on (its `train` split).")
+    env_options: dict[str, Any] = Field(default_factory=dict, description="Passed to the env's make().")
+    iterations: int = Field(4, ge=1, description="Rollout + update rounds.")
+    tasks_per_iteration: int = Field(32, ge=1, description="Train tasks rolled out per iteration.")
+    trials: int = Field(3, ge=1, description="Trials per task in rollouts (planner and reflector samples).")
+    max_steps: int | None = Field(None, ge=1, description="Steps per trial; null: the env's default.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature (exploration).")
+    rollout_batch_size: int = Field(32, ge=1, description="Most episodes per generation call.")
+    mode: Literal["off_policy", "on_policy"] = Field(
+        "off_policy",
+        description="`off_policy`: train on the whole buffer; `on_policy`: latest iteration only.",
+    )
+    max_staleness: int | None = Field(
+        None, ge=0, description="Off-policy: use only samples at most this many versions old; null: all."
+    )
+    optimise: Literal["both", "planner", "reflector"] = Field(
+        "both", description="Roles whose samples train (paper ablation: planner-only / reflector-only)."
+    )
+    objective: Objective = Field("clipped_is", description="`clipped_is` (paper) or `ppo_clip` (ablation).")
+    epsilon: float = Field(0.3, gt=0, lt=1, description="Clip range of the importance weight.")
+    lam: float = Field(1.0, ge=0, description="λ: weight of the IL regulariser L_IL.")
+    normalisation: Normalisation = Field(
+        "sequence",
+        description="Token mean: `sequence` averages within each sample, then over samples "
+        "(batch-size independent; equals the paper's batch-1 mean); `token` averages over all tokens.",
+    )
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    epochs: int = Field(3, ge=1, description="Passes over the (filtered) buffer per iteration (paper: 3).")
+    batch_size: int = Field(8, ge=1, description="RL samples per optimizer step.")
+    il_batch_size: int = Field(8, ge=1, description="IL examples drawn per optimizer step for L_IL.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip; null: none.")
+    max_length: int = Field(4096, ge=2, description="IL examples longer than this are dropped.")
+    eval_tasks: int = Field(16, ge=0, description="Fixed eval slice (0: no eval) for IR/FR per iteration.")
+    eval_split: str = Field("test", description="Split of the eval slice.")
+    eval_trials: int = Field(3, ge=1)
+    seed: int = 0
+    num_threads: int | None = Field(None, ge=1, description="Torch CPU threads; null: all cores.")
+    tensorboard: bool = Field(False, description="Also log to RUN/tensorboard (if installed).")
+
+
+class RLError(ValueError):
+    pass
+
+
+def train_rl(
+    init_ckpt: str | Path,
+    il_data: str | Path,
+    out: str | Path,
+    config: RLConfig | None = None,
+    *,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) RL from an IL checkpoint; returns the per-iteration metrics."""
+    cfg = config or RLConfig()
+    run = Path(out)
+    console = console or Console()
+    set_num_threads(cfg.num_threads)
+    latest = _latest_dir(run)
+    state: dict[str, Any] = json.loads((latest / "state.json").read_text()) if latest else {}
+    if state and state["config"] != cfg.model_dump(exclude={"num_threads", "tensorboard", "iterations"}):
+        raise RLError(f"{run}: cannot resume with different settings; use the original config or a new --out")
+    done = int(state.get("iteration", 0))
+    ckpt = latest / "ckpt" if latest else Path(init_ckpt)
+    trainable, manifest = Trainable.from_checkpoint(ckpt)
+    tokenizer = load_tokenizer(ckpt / "tokenizer")
+    units = dict.fromkeys(manifest.roles.values())
+    roles_to_train = [r for r in ROLES if cfg.optimise in ("both", r) and r in manifest.roles]
+    train_units = list(dict.fromkeys(manifest.roles[r] for r in roles_to_train))
+    optimizer = make_optimizer(
+        [p for u in train_units for p in trainable.parameters(u)], cfg.lr, cfg.weight_decay
+    )
+    if latest is not None:
+        optimizer.load_state_dict(load_state(latest / "optimizer.pt")["optimizer"])
+    il_examples = (
+        {r: load_role_data(il_data, r, tokenizer, max_length=cfg.max_length).examples for r in roles_to_train}
+        if cfg.lam > 0
+        else {}
+    )
+    policy = HFPolicy(
+        {r: trainable.model(u) for r, u in manifest.roles.items()}
+        if trainable.finetune == "full"
+        else trainable.model(next(iter(units))),
+        tokenizer,
+        None if trainable.finetune == "full" else dict(manifest.roles),
+        name=f"rl:{run}",
+        version=done,
+        batch_size=cfg.rollout_batch_size,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    buffer_dir = run / "buffer"
+    buffer_dir.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(buffer_dir.glob("iter_*.jsonl")):  # iterations a kill left unfinished
+        if int(stale.stem.split("_")[1]) > done:
+            stale.unlink()
+    metrics_log = MetricsLog(
+        run / "metrics.jsonl", resume_step=done if latest else None, tensorboard=cfg.tensorboard
+    )
+    train_tasks = list_tasks(cfg.env, "train", None, cfg.seed)
+    history: list[dict[str, Any]] = []
+    try:
+        for it in range(done, cfg.iterations):
+            t0 = time.perf_counter()
+            policy.info.version = it
+            buffer_file = buffer_dir / f"iter_{it:04d}.jsonl"
+            if buffer_file.exists():  # rolled out before a kill during the update
+                records = read_records(buffer_file)
+                rollout = None
+            else:
+                tasks = [
+                    train_tasks[(it * cfg.tasks_per_iteration + j) % len(train_tasks)]
+                    for j in range(cfg.tasks_per_iteration)
+                ]
+                loop_cfg = LoopConfig(
+                    trials=cfg.trials,
+                    max_steps=cfg.max_steps,
+                    temperature=cfg.temperature,
+                    batch_size=cfg.rollout_batch_size,
+                    seed=cfg.seed * 7919 + it,
+                    env_options=cfg.env_options,
+                )
+                rollout = run_trials(cfg.env, _unique(tasks), policy, policy, loop_cfg)
+                records = rollout.records
+                write_records(buffer_file, records)
+            t_rollout = time.perf_counter() - t0
+            buffer = _buffer(buffer_dir, it, cfg)
+            samples, dropped = build_samples(buffer, cfg.rewards)
+            update = _update(
+                trainable,
+                manifest.roles,
+                roles_to_train,
+                samples,
+                il_examples,
+                optimizer,
+                cfg,
+                pad_id,
+                seed=cfg.seed * 1_000_003 + it,
+            )
+            policy.info.version = it + 1
+            row: dict[str, Any] = {
+                "iteration": it,
+                "version": it + 1,
+                "train": _rollout_stats(records, cfg.trials),
+                "buffer_records": len(buffer),
+                "samples": dict(Counter(s.role for s in samples)),
+                "dropped": dict(dropped),
+                **update,
+                "rollout_seconds": round(t_rollout, 2),
+            }
+            if cfg.eval_tasks:
+                ev = evaluate(
+                    cfg.env,
+                    policy,
+                    policy,
+                    split=cfg.eval_split,
+                    n_tasks=cfg.eval_tasks,
+                    config=LoopConfig(
+                        trials=cfg.eval_trials,
+                        max_steps=cfg.max_steps,
+                        env_options=cfg.env_options,
+                        batch_size=cfg.rollout_batch_size,
+                    ),
+                    show_progress=False,
+                )
+                row["eval"] = {k: ev[k] for k in ("IR", "FR", "AR", "per_trial_reward", "per_trial_success")}
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            _save_iteration(run, trainable, tokenizer, manifest, optimizer, cfg, it + 1)
+            metrics_log.log("iteration", it + 1, **row)
+            history.append(row)
+            console.print(_progress_line(row, cfg.iterations))
+    finally:
+        metrics_log.close()
+    return history
+
+
+def _unique(tasks: Sequence[Any]) -> list[Any]:
+    return list({t.id: t for t in tasks}.values())
+
+
+def _latest_dir(run: Path) -> Path | None:
+    for name in ("latest", "latest.old"):  # .old survives a kill between the two renames
+        if (run / name / "state.json").is_file():
+            return run / name
+    return None
+
+
+def _save_iteration(
+    run: Path,
+    trainable: Trainable,
+    tokenizer: Any,
+    manifest: Any,
+    optimizer: torch.optim.Optimizer,
+    cfg: RLConfig,
+    finished: int,
+) -> None:
+    staging = run / "latest.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    write_checkpoint(
+        staging / "ckpt",
+        trainable,
+        tokenizer,
+        manifest.model_copy(update={"version": finished, "stage": "rl"}),
+    )
+    save_state(staging / "optimizer.pt", {"optimizer": optimizer.state_dict()})
+    state = {
+        "iteration": finished,
+        "config": cfg.model_dump(exclude={"num_threads", "tensorboard", "iterations"}),
+    }
+    (staging / "state.json").write_text(json.dumps(state, indent=2))
+    replace_dir(staging, run / "latest")
+
+
+def _buffer(buffer_dir: Path, it: int, cfg: RLConfig) -> list[TrajectoryRecord]:
+    """The records the update may use: the latest iteration (on-policy) or all fresh enough ones."""
+    first = (
+        it
+        if cfg.mode == "on_policy"
+        else max(0, it - cfg.max_staleness)
+        if cfg.max_staleness is not None
+        else 0
+    )
+    return [r for k in range(first, it + 1) for r in read_records(buffer_dir / f"iter_{k:04d}.jsonl")]
+
+
+def _update(
+    trainable: Trainable,
+    role_units: dict[Role, str],
+    roles: list[Role],
+    samples: list[RLSample],
+    il_examples: dict[Role, list[ILExample]],
+    optimizer: torch.optim.Optimizer,
+    cfg: RLConfig,
+    pad_id: int,
+    *,
+    seed: int,
+) -> dict[str, Any]:
+    """``cfg.epochs`` passes of L = L_RL + λ·L_IL over each trained unit's samples."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    sums: Counter[str] = Counter()
+    steps = skipped = 0
+    for unit in dict.fromkeys(role_units[r] for r in roles):
+        unit_roles = [r for r in roles if role_units[r] == unit]
+        mine = [s for s in samples if s.role in unit_roles]
+        il_pool = [e for r in unit_roles for e in il_examples.get(r, [])]
+        if not mine:
+            continue
+        model = trainable.model(unit)
+        params = trainable.parameters(unit)
+        for _ in range(cfg.epochs):
+            for batch_idx in length_batches(
+                mine,
+                batch_size=cfg.batch_size,
+                max_batch_tokens=None,  # type: ignore[arg-type]
+                pool=512,
+                rng=rng,
+            ):
+                batch = [mine[i] for i in batch_idx]
+                tokens = collate([s.prompt_ids for s in batch], [s.output_ids for s in batch], pad_id)
+                mask = _pad([s.loss_mask for s in batch], tokens.targets.shape[1])
+                behaviour = _pad([s.behaviour_logprobs for s in batch], tokens.targets.shape[1])
+                logp, entropy = token_logprobs(model, tokens, with_entropy=True)
+                terms = rl_loss(
+                    logp,
+                    behaviour,
+                    mask,
+                    torch.tensor([s.reward for s in batch]),
+                    epsilon=cfg.epsilon,
+                    objective=cfg.objective,
+                    normalisation=cfg.normalisation,
+                )
+                l_il = None
+                if il_pool and cfg.lam > 0:
+                    il_batch = collate_examples(
+                        rng.sample(il_pool, min(cfg.il_batch_size, len(il_pool))), pad_id
+                    )
+                    il_logp, _ = token_logprobs(model, il_batch.tokens)
+                    l_il = il_loss(il_logp, il_batch.loss_mask, cfg.normalisation)
+                loss = joint_loss(terms.loss, l_il, cfg.lam)
+                steps += 1
+                if not torch.isfinite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    log.warning("RL step %d (%s): loss not finite; step skipped", steps, unit)
+                    continue
+                loss.backward()
+                if clip_and_step(params, optimizer, cfg.grad_clip) is None:
+                    skipped += 1
+                    continue
+                n_tok = float(mask.sum())
+                sums["loss_rl"] += terms.loss.item()
+                sums["loss_il"] += l_il.item() if l_il is not None else 0.0
+                sums["ratio"] += terms.mean_ratio
+                sums["clipped"] += terms.clipped_fraction
+                sums["entropy"] += (
+                    float((entropy * mask).sum()) / max(n_tok, 1.0) if entropy is not None else 0.0
+                )
+    done = max(steps - skipped, 1)
+    return {
+        "optimizer_steps": steps - skipped,
+        "skipped_steps": skipped,
+        "loss_rl": sums["loss_rl"] / done,
+        "loss_il": sums["loss_il"] / done,
+        "mean_ratio": sums["ratio"] / done if steps > skipped else math.nan,
+        "clipped_fraction": sums["clipped"] / done,
+        "entropy": sums["entropy"] / done,
+    }
+
+
+def _pad(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _rollout_stats(records: list[TrajectoryRecord], trials: int) -> dict[str, Any]:
+    """Train reward and success per trial (solved tasks carried), from the rollout's planner records."""
+    planner = [r for r in records if r.role == "planner"]
+    by_task: dict[str, dict[int, TrajectoryRecord]] = {}
+    for r in planner:
+        by_task.setdefault(r.task_id, {})[r.trial] = r
+    reward = [0.0] * trials
+    success = [0.0] * trials
+    for per_trial in by_task.values():
+        last: TrajectoryRecord | None = None
+        for k in range(trials):
+            last = per_trial.get(k, last)
+            if last is not None:
+                reward[k] += last.reward / len(by_task)
+                success[k] += float(last.success) / len(by_task)
+    steps = sum(r.n_steps for r in planner)
+    return {
+        "per_trial_reward": reward,
+        "per_trial_success": success,
+        "episodes": len(planner),
+        "errors": sum(r.error is not None for r in records),
+        "valid_action_rate": sum(int(r.info.get("valid_actions", r.n_steps)) for r in planner)
+        / max(steps, 1),
+        "repeated_action_rate": sum(bool(r.info.get("repeat_stop")) for r in planner) / max(len(planner), 1),
+    }
+
+
+def _progress_line(row: dict[str, Any], total: int) -> str:
+    train = row["train"]
+    ev = row.get("eval", {})
+    evs = f" eval IR {ev['IR']:.3f} FR {ev['FR']:.3f}" if ev else ""
+    return (
+        f"[bold]iter {row['iteration'] + 1}/{total}[/bold] train R/trial "
+        f"{' '.join(f'{x:.2f}' for x in train['per_trial_reward'])}{evs} | L_RL {row['loss_rl']:.4f} "
+        f"L_IL {row['loss_il']:.4f} ratio {row['mean_ratio']:.3f} clip {row['clipped_fraction']:.3f} "
+        f"H {row['entropy']:.3f} valid {train['valid_action_rate']:.2f} "
+        f"repeat {train['repeated_action_rate']:.2f} buffer {row['buffer_records']} | {row['seconds']:.0f}s"
+    )
