@@ -72,7 +72,9 @@ def test_solved_tasks_not_rerun_and_reward_carried() -> None:
     assert res.per_trial_reward == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
     planner_trials = {(r.task_id, r.trial) for r in res.records if r.role == "planner"}
     assert planner_trials == {("t0", 0), ("t1", 0), ("t1", 1), ("t2", 0), ("t2", 1), ("t2", 2)}
-    refl = sorted((r.task_id, r.trial, r.next_reward, r.success) for r in res.records if r.role == "reflector")
+    refl = sorted(
+        (r.task_id, r.trial, r.next_reward, r.success) for r in res.records if r.role == "reflector"
+    )
     assert refl == [("t1", 0, 1.0, True), ("t2", 0, 0.0, False), ("t2", 1, 1.0, True)]
 
 
@@ -97,13 +99,20 @@ def test_repeated_action_and_max_steps_end_a_trial() -> None:
     res = run_trials(SPEC, _tasks([9]), ScriptedPolicy("p", lambda v: "guess 0"), None, LoopConfig(trials=1))
     (rec,) = res.records
     assert rec.n_steps == 1 and res.n_repeat_stops == 1  # the repeat is not executed
-    res = run_trials(SPEC, _tasks([9]), ScriptedPolicy("p", _next_guess), None, LoopConfig(trials=1, max_steps=5))
+    res = run_trials(
+        SPEC, _tasks([9]), ScriptedPolicy("p", _next_guess), None, LoopConfig(trials=1, max_steps=5)
+    )
     assert res.records[0].n_steps == 5
 
 
 def test_reflect_false_runs_react_without_memory() -> None:
-    res = run_trials(SPEC, _tasks([9]), ScriptedPolicy("p", _next_guess), ScriptedPolicy("r", _reflect),
-                     LoopConfig(trials=2, reflect=False))
+    res = run_trials(
+        SPEC,
+        _tasks([9]),
+        ScriptedPolicy("p", _next_guess),
+        ScriptedPolicy("r", _reflect),
+        LoopConfig(trials=2, reflect=False),
+    )
     assert [r.role for r in res.records] == ["planner", "planner"]
     assert all(r.info["memory"] == [] for r in res.records)
 
@@ -118,8 +127,9 @@ def test_failures_are_recorded_and_do_not_stop_the_run() -> None:
             raise ValueError("expert bug")
         return _next_guess(view)
 
-    res = run_trials(SPEC, _tasks([0, 0, 0, 0]), ScriptedPolicy("p", planner), None,
-                     LoopConfig(trials=1, step_timeout=0.5))
+    res = run_trials(
+        SPEC, _tasks([0, 0, 0, 0]), ScriptedPolicy("p", planner), None, LoopConfig(trials=1, step_timeout=0.5)
+    )
     errors = {r.task_id: r.error for r in res.records}
     assert "env exploded" in (errors["t0"] or "")
     assert "longer than 0.5s" in (errors["t1"] or "")
@@ -158,6 +168,8 @@ def test_tokenised_records_have_exact_masks(tmp_path) -> None:  # type: ignore[n
             expected_ids += policy.encode(seg.text)
             expected_mask += [int(seg.kind == "model")] * len(seg.text)
         assert rec.output_ids == expected_ids and rec.loss_mask == expected_mask
-        assert all((lp == -0.5) == bool(m) for lp, m in zip(rec.behaviour_logprobs, rec.loss_mask, strict=True))
+        assert all(
+            (lp == -0.5) == bool(m) for lp, m in zip(rec.behaviour_logprobs, rec.loss_mask, strict=True)
+        )
     write_records(tmp_path / "r.jsonl", res.records)
     assert read_records(tmp_path / "r.jsonl") == res.records

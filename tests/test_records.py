@@ -35,9 +35,19 @@ def segments(draw: st.DrawFn) -> list[Segment]:
 def _record(segs: list[Segment], **kw: object) -> TrajectoryRecord:
     out_ids, mask, lps = flatten_output(segs)
     return TrajectoryRecord(
-        env="household", split="train", task_id="t", role="planner", trial=0, source="test", prompt="p",
+        env="household",
+        split="train",
+        task_id="t",
+        role="planner",
+        trial=0,
+        source="test",
+        prompt="p",
         segments=[OutputSegment(kind=s.kind, text=s.text) for s in segs],  # type: ignore[arg-type]
-        prompt_ids=[1, 2], output_ids=out_ids, loss_mask=mask, behaviour_logprobs=lps, **kw,
+        prompt_ids=[1, 2],
+        output_ids=out_ids,
+        loss_mask=mask,
+        behaviour_logprobs=lps,
+        **kw,
     )
 
 

@@ -17,7 +17,9 @@ def memory_block(memory: Sequence[str], header: str) -> str:
     return header + "".join(f"- {m}\n" for m in memory)
 
 
-def planner_prompt(style: PromptStyle, memory: Sequence[str], first_observation: str, *, fewshot: bool) -> str:
+def planner_prompt(
+    style: PromptStyle, memory: Sequence[str], first_observation: str, *, fewshot: bool
+) -> str:
     """The planner's s_0: everything before its first action, ending with the step prefix."""
     parts = [style.planner_instruction.strip() + "\n"]
     if fewshot and style.fewshot:

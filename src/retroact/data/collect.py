@@ -67,8 +67,15 @@ def _zero_shot(rec: TrajectoryRecord) -> TrajectoryRecord:
     memory = [str(m) for m in rec.info.get("memory", [])]  # type: ignore[union-attr]
     first_obs = str(rec.info.get("first_observation", ""))
     text = prompts.planner_prompt(style, memory, first_obs, fewshot=False)
-    return rec.model_copy(update={"prompt": text, "prompt_ids": None, "output_ids": None,
-                                  "loss_mask": None, "behaviour_logprobs": None})
+    return rec.model_copy(
+        update={
+            "prompt": text,
+            "prompt_ids": None,
+            "output_ids": None,
+            "loss_mask": None,
+            "behaviour_logprobs": None,
+        }
+    )
 
 
 def collect(

@@ -7,8 +7,17 @@ import importlib
 from retroact.envs.base import EnvSpec, PromptStyle, StepResult, Task, TextEnv, clean_action
 
 __all__ = [
-    "EnvSpec", "PromptStyle", "StepResult", "Task", "TextEnv", "clean_action",
-    "available_envs", "get_spec", "list_tasks", "make_env", "register",
+    "EnvSpec",
+    "PromptStyle",
+    "StepResult",
+    "Task",
+    "TextEnv",
+    "clean_action",
+    "available_envs",
+    "get_spec",
+    "list_tasks",
+    "make_env",
+    "register",
 ]
 
 # Lazy so that one env's optional dependencies never break another env.

@@ -67,7 +67,9 @@ def rl_loss(
     return RLTerms(masked_mean(per_token, mask, normalisation), mean_ratio, clipped_fraction)
 
 
-def il_loss(logp: torch.Tensor, mask: torch.Tensor, normalisation: Normalisation = "sequence") -> torch.Tensor:
+def il_loss(
+    logp: torch.Tensor, mask: torch.Tensor, normalisation: Normalisation = "sequence"
+) -> torch.Tensor:
     """L_IL: token NLL of the IL targets (prompt and env tokens are masked out)."""
     return masked_mean(-logp, mask, normalisation)
 

@@ -21,7 +21,8 @@ class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reflector_reward: Literal["scaled", "paper"] = Field(
-        "scaled", description="`paper`: R(τ_{k+1}) − R(τ_k); `scaled`: that times (R(τ_k) + α) / α.")
+        "scaled", description="`paper`: R(τ_{k+1}) − R(τ_k); `scaled`: that times (R(τ_k) + α) / α."
+    )
     alpha: float = Field(1.0, gt=0, description="α of the scaled reflector reward.")
     drop_zero_planner: bool = Field(True, description="Drop planner samples with R = 0 (reference filter).")
     drop_zero_delta: bool = Field(True, description="Drop reflector samples with R(τ_{k+1}) = R(τ_k).")
@@ -45,7 +46,9 @@ def reflector_reward(r_k: float, r_next: float, cfg: RewardConfig) -> float:
     return delta if cfg.reflector_reward == "paper" else delta * (r_k + cfg.alpha) / cfg.alpha
 
 
-def build_samples(records: Iterable[TrajectoryRecord], cfg: RewardConfig) -> tuple[list[RLSample], Counter[str]]:
+def build_samples(
+    records: Iterable[TrajectoryRecord], cfg: RewardConfig
+) -> tuple[list[RLSample], Counter[str]]:
     """RL samples of both roles from tokenised records, and counts of what was dropped and why."""
     samples: list[RLSample] = []
     dropped: Counter[str] = Counter()
@@ -56,8 +59,18 @@ def build_samples(records: Iterable[TrajectoryRecord], cfg: RewardConfig) -> tup
             continue
         assert rec.prompt_ids is not None and rec.output_ids is not None
         assert rec.loss_mask is not None and rec.behaviour_logprobs is not None
-        samples.append(RLSample(rec.role, rec.prompt_ids, rec.output_ids, rec.loss_mask,
-                                rec.behaviour_logprobs, reward, rec.adapter_version, rec.uid))
+        samples.append(
+            RLSample(
+                rec.role,
+                rec.prompt_ids,
+                rec.output_ids,
+                rec.loss_mask,
+                rec.behaviour_logprobs,
+                reward,
+                rec.adapter_version,
+                rec.uid,
+            )
+        )
     return samples, dropped
 
 

@@ -1,0 +1,297 @@
+"""Local Hugging Face causal LMs as policies: one base with per-role LoRA adapters, or full models.
+
+Generation is our own sampling loop (not ``model.generate``) so the behaviour log-probs are
+recorded from exactly the distribution each token was drawn from: log-softmax(logits / T)
+after the top-p cut, renormalised; at T = 0 (greedy) those of the untempered model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Literal, cast
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams
+from retroact.models.checkpoint import MANIFEST, is_checkpoint, load_manifest
+
+ROLES: tuple[Role, ...] = ("planner", "reflector")
+
+
+class HFPolicy:
+    """A planner/reflector backend on local HF models.
+
+    ``model`` is one causal LM shared by both roles (optionally a ``PeftModel``; ``adapters``
+    then names the adapter each role uses, a role left out uses the base with adapters off),
+    or a role -> model mapping (full fine-tuning; the shared ablation maps both roles to one
+    object). RL trainers may update the adapters or models in place between calls.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Mapping[Role, torch.nn.Module],
+        tokenizer: PreTrainedTokenizerBase,
+        adapters: Mapping[Role, str] | None = None,
+        *,
+        name: str = "hf",
+        version: int = 0,
+        batch_size: int = 16,
+    ) -> None:
+        self.models: dict[Role, torch.nn.Module] = (
+            {r: model[r] for r in ROLES} if isinstance(model, Mapping) else dict.fromkeys(ROLES, model)
+        )
+        self.adapters: dict[Role, str] = dict(adapters or {})
+        for role, adapter in self.adapters.items():
+            peft = self.models[role]
+            if not isinstance(peft, PeftModel) or adapter not in peft.peft_config:
+                raise ValueError(f"role {role}: adapter {adapter!r} is not loaded on its model")
+        self.tokenizer = tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id: int = pad if pad is not None else 0
+        self.batch_size = batch_size
+        self.info = PolicyInfo(name=name, version=version)
+
+    @classmethod
+    def load(cls, source: str | Path, *, trainable: bool = False, batch_size: int = 16) -> HFPolicy:
+        """A model directory, a hub name, or a RetroAct checkpoint (``trainable``: adapters get grads)."""
+        if is_checkpoint(source):
+            return _load_checkpoint(Path(source), trainable, batch_size)
+        model = load_causal_lm(source)
+        return cls(model, _load_tokenizer(source), name=Path(source).name, batch_size=batch_size)
+
+    @property
+    def tokenized(self) -> bool:
+        return True
+
+    def encode(self, text: str, *, first: bool = False) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        return [bos, *ids] if first and bos is not None else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:
+        """Batched sampling per role; a request that cannot run gets an ``error`` generation."""
+        out: list[Generation | None] = [None] * len(requests)
+        prompts: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            try:
+                prompts[i] = self._prompt(req, sampling)
+            except ValueError as err:
+                out[i] = _error(str(err))
+        generator = torch.Generator().manual_seed(sampling.seed)
+        for role in ROLES:
+            todo = sorted((i for i in prompts if requests[i].role == role), key=lambda i: len(prompts[i]))
+            if not todo:
+                continue
+            with self._role_model(role) as model:
+                eos = _eos_ids(model, self.tokenizer)
+                for start in range(0, len(todo), self.batch_size):
+                    chunk = todo[start : start + self.batch_size]
+                    gens = _sample(
+                        model, [prompts[i] for i in chunk], sampling, generator, eos, self.pad_id, self.decode
+                    )
+                    for i, gen in zip(chunk, gens, strict=True):
+                        out[i] = gen
+        return cast(list[Generation], out)
+
+    def _prompt(self, req: GenRequest, sampling: SamplingParams) -> list[int]:
+        """The request's input ids, or a ValueError saying why it cannot run."""
+        if req.role not in self.models:
+            raise ValueError(f"unknown role {req.role!r}")
+        ids = req.token_ids
+        limit = getattr(self.models[req.role].config, "max_position_embeddings", None)
+        if not ids:
+            raise ValueError("empty context: a request needs at least one token")
+        if limit is not None and len(ids) + sampling.max_new_tokens > limit:
+            raise ValueError(
+                f"context of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} "
+                f"exceeds the model's {limit} positions"
+            )
+        return ids
+
+    @contextmanager
+    def _role_model(self, role: Role) -> Iterator[torch.nn.Module]:
+        """The role's model in eval mode with its adapter active; all state restored afterwards.
+
+        PEFT's ``set_adapter`` also flips ``requires_grad`` of the adapters, which would silently
+        freeze one role's adapter for a trainer that shares this model, so the flags are restored.
+        """
+        model = self.models[role]
+        with ExitStack() as stack:
+            stack.callback(model.train, model.training)
+            model.eval()
+            if isinstance(model, PeftModel):
+                grads = [(p, p.requires_grad) for p in model.parameters()]
+                stack.callback(_restore_adapters, model, list(model.active_adapters), grads)
+                adapter = self.adapters.get(role)
+                if adapter is None:
+                    stack.enter_context(model.disable_adapter())
+                else:
+                    model.set_adapter(adapter)
+            yield model
+
+
+@torch.inference_mode()
+def _sample(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingParams,
+    generator: torch.Generator,
+    eos_ids: set[int],
+    pad_id: int,
+    decode: Callable[[Sequence[int]], str],
+) -> list[Generation]:
+    """Sample continuations of left-padded ``prompts`` with a KV cache, one forward per new token.
+
+    Finished rows are dropped from the batch (and the cache) as soon as they stop.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    next_pos = mask.sum(-1)
+    res = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    new: list[list[int]] = [[] for _ in prompts]
+    logps: list[list[float]] = [[] for _ in prompts]
+    reasons: list[Literal["stop", "length", "eos"]] = ["length"] * len(prompts)
+    rows = list(range(len(prompts)))  # batch slot -> original row
+    for step in range(sampling.max_new_tokens):
+        token, logp = _pick(res.logits[:, -1].float().cpu(), sampling, generator)  # the generator is on CPU
+        keep = []
+        for slot, row in enumerate(rows):
+            new[row].append(int(token[slot]))
+            logps[row].append(float(logp[slot]))
+            if new[row][-1] in eos_ids:
+                reasons[row] = "eos"
+            elif sampling.stop and any(s in decode(new[row]) for s in sampling.stop):
+                reasons[row] = "stop"
+            else:
+                keep.append(slot)
+        if not keep or step == sampling.max_new_tokens - 1:
+            break
+        cache = res.past_key_values
+        if len(keep) < len(rows):
+            index = torch.tensor(keep)
+            token = token[index]
+            index = index.to(device)
+            cache.batch_select_indices(index)
+            mask, next_pos = mask[index], next_pos[index]
+            rows = [rows[k] for k in keep]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+        res = model(
+            input_ids=token[:, None].to(device),
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    return [
+        Generation(text=decode(n), token_ids=n, logprobs=lp, finish_reason=r)
+        for n, lp, r in zip(new, logps, reasons, strict=True)
+    ]
+
+
+def _pick(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row and its log-prob under the distribution it was drawn from."""
+    if sampling.temperature <= 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        token = logp.argmax(-1)
+    else:
+        logp = torch.log_softmax(logits / sampling.temperature, dim=-1)
+        if sampling.top_p < 1.0:
+            sorted_logp, order = logp.sort(dim=-1, descending=True)
+            probs = sorted_logp.exp()
+            # drop a token when the more likely ones already reach top_p (the top one always stays)
+            cut = (probs.cumsum(-1) - probs) >= sampling.top_p
+            logp = torch.log_softmax(logp.masked_fill(cut.scatter(-1, order, cut), float("-inf")), dim=-1)
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def _error(message: str) -> Generation:
+    return Generation(text="", token_ids=[], logprobs=[], finish_reason="error", error=message)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return {i for i in ids if i is not None}
+
+
+def _restore_adapters(
+    model: PeftModel, active: list[str], grads: list[tuple[torch.nn.Parameter, bool]]
+) -> None:
+    model.base_model.set_adapter(active)
+    for param, flag in grads:
+        param.requires_grad_(flag)
+
+
+def load_causal_lm(source: str | Path) -> PreTrainedModel:
+    """``AutoModelForCausalLM`` from a directory or hub name, with errors that say what is wrong."""
+    local = Path(source).expanduser()
+    if not local.exists() and (local.is_absolute() or str(source).startswith((".", "~"))):
+        raise FileNotFoundError(f"{source}: no such model directory")
+    try:
+        return AutoModelForCausalLM.from_pretrained(local if local.exists() else str(source))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{source}: cannot load a causal language model: {first}") from err
+
+
+def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{source}: cannot load a tokenizer: {err}") from err
+
+
+def _load_checkpoint(path: Path, trainable: bool, batch_size: int) -> HFPolicy:
+    """A checkpoint (see :mod:`retroact.models.checkpoint`) as a policy.
+
+    LoRA adapters are named after their role, or ``shared`` when both roles use one directory.
+    """
+    manifest = load_manifest(path)
+    where = path / MANIFEST
+    missing = [r for r in ROLES if r not in manifest.roles]
+    if missing:
+        raise ValueError(f"{where}: roles: no directory for {', '.join(missing)}")
+    for role, sub in manifest.roles.items():
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"{where}: roles.{role}: directory {path / sub} does not exist")
+    base = path / manifest.base_model  # a relative base is looked up beside the checkpoint first
+    base_src = base if base.exists() else manifest.base_model
+    tokenizer = _load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else base_src)
+    dirs = {role: manifest.roles[role] for role in ROLES}
+    if manifest.finetune == "full":
+        by_dir = {sub: load_causal_lm(path / sub) for sub in set(dirs.values())}
+        models = {role: by_dir[sub] for role, sub in dirs.items()}
+        return HFPolicy(models, tokenizer, name=path.name, version=manifest.version, batch_size=batch_size)
+    names = {role: "shared" if list(dirs.values()).count(sub) > 1 else role for role, sub in dirs.items()}
+    model: torch.nn.Module = load_causal_lm(base_src)
+    for adapter, sub in {names[role]: dirs[role] for role in ROLES}.items():
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(path / sub, adapter_name=adapter, is_trainable=trainable)
+            else:
+                model = PeftModel.from_pretrained(
+                    model, path / sub, adapter_name=adapter, is_trainable=trainable
+                )
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{where}: {path / sub}: cannot load the LoRA adapter: {err}") from err
+    return HFPolicy(model, tokenizer, names, name=path.name, version=manifest.version, batch_size=batch_size)
