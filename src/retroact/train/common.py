@@ -57,7 +57,10 @@ class LoraSettings(BaseModel):
 
 
 def set_num_threads(n: int | None) -> int:
-    """Use ``n`` intra-op threads (None: every core this process may run on). Returns the count."""
+    """Use ``n`` intra-op threads. None: ``$OMP_NUM_THREADS`` if set, else every core this process
+    may run on. Returns the count. (More threads than free cores makes small ops many times slower.)"""
+    if n is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"])
     if n is None:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(n)

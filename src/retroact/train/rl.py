@@ -359,7 +359,7 @@ def _update(
                 sums["ratio"] += terms.mean_ratio
                 sums["clipped"] += terms.clipped_fraction
                 sums["entropy"] += (
-                    float((entropy * mask).sum()) / max(n_tok, 1.0) if entropy is not None else 0.0
+                    (entropy.detach() * mask).sum().item() / max(n_tok, 1.0) if entropy is not None else 0.0
                 )
     done = max(steps - skipped, 1)
     return {
