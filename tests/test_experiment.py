@@ -1,0 +1,103 @@
+"""The experiment harness and the demo configs: results.json shape, report, stage reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from retroact.cli import app
+from retroact.config import load_config
+from retroact.eval.experiment import BUILTIN_METHODS, ExperimentConfig
+from retroact.paths import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("demo*.yaml")) + sorted(
+    (REPO_ROOT / "configs" / "paper").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_experiment_configs_are_valid(path: Path) -> None:
+    cfg = load_config(path, ExperimentConfig)
+    assert cfg.method_specs()
+
+
+def test_paper_configs_cover_every_method() -> None:
+    for path in (REPO_ROOT / "configs" / "paper").glob("*.yaml"):
+        names = {m.name for m in load_config(path, ExperimentConfig).method_specs()}
+        assert names == set(BUILTIN_METHODS) - {"Expert"}, path
+
+
+TINY = {
+    "env": "household",
+    "tiny": {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+    "collect": {"tasks": 12, "trials": 2},
+    "il": {"finetune": "full", "epochs": 1, "batch_size": 8, "num_threads": 1},
+    "rl": {
+        "iterations": 1,
+        "tasks_per_iteration": 2,
+        "trials": 2,
+        "max_steps": 2,
+        "epochs": 1,
+        "eval_tasks": 0,
+        "num_threads": 1,
+    },
+    "eval": {"tasks": 3, "trials": 2, "max_steps": 2},
+    "methods": ["Expert", "SFT", "IL", "RetroAct"],
+}
+
+
+def test_experiment_writes_results_report_and_reuses_stages(tmp_path: Path) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    res = runner.invoke(app, ["experiment", str(config), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["env"] == "household" and results["model"] == "tiny"
+    assert list(results["methods"]) == ["Expert", "SFT", "IL", "RetroAct"]
+    for m in results["methods"].values():
+        assert {"IR", "FR", "AR", "per_trial_reward", "seeds"} <= set(m) and len(m["per_trial_reward"]) == 2
+    assert results["methods"]["SFT"]["IR"] == results["methods"]["SFT"]["FR"]  # no reflection: trials repeat
+    assert "RetroAct" in results["learning_curves"]
+    report = (out / "report.md").read_text()
+    assert "| RetroAct |" in report and (out / "per_trial_reward.png").stat().st_size > 0
+    assert (out / "rl_learning_curve.png").exists()
+    stamps = {p: p.stat().st_mtime for p in out.glob("seed0/*/*") if p.is_file()}
+    res = runner.invoke(app, ["experiment", str(config), "--out", str(out)])
+    assert res.exit_code == 0 and "stage" not in res.output  # every stage reused
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
+
+
+def test_readme_results_block_is_replaced(tmp_path: Path) -> None:
+    results = {
+        "env": "household",
+        "split": "test",
+        "n_tasks": 2,
+        "trials": 2,
+        "model": "tiny",
+        "methods": {
+            "IL": {
+                "IR": 0.5,
+                "FR": 1.0,
+                "AR": 0.75,
+                "IR_std": 0,
+                "FR_std": 0,
+                "AR_std": 0,
+                "seeds": 1,
+                "IR_success": 0.5,
+                "FR_success": 1.0,
+            }
+        },
+    }
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nSTALE TABLE\n<!-- results:end -->\nrest\n")
+    res = CliRunner().invoke(app, ["readme-results", str(tmp_path / "r.json"), "--readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    text = readme.read_text()
+    assert "STALE TABLE" not in text and "| IL | 50.0 | 100.0 | 75.0 |" in text and text.endswith("rest\n")
