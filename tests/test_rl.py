@@ -170,7 +170,7 @@ def test_kill_during_rollout_and_update_loses_and_duplicates_nothing(
 ) -> None:
     data, ckpt, _ = stage1
     # Enough update steps (batch 1, 3 epochs) that the update phase is long enough to be hit.
-    cfg = _cfg(iterations=2, epochs=3, batch_size=1, num_threads=1)
+    cfg = _cfg(iterations=2, tasks_per_iteration=2, max_steps=2, epochs=3, batch_size=1, num_threads=1)
     config = tmp_path / "rl.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump()))
     torch.set_num_threads(1)
