@@ -223,33 +223,45 @@ class _Runner:
 
     def _planner_record(self, ep: _Episode) -> TrajectoryRecord:
         prompt, *out = ep.segments or [Segment("prompt", "")]
-        token_fields: dict[str, object] = {}
-        if self.planner.tokenized and prompt.token_ids is not None:
+        info = {
+            "memory": list(ep.memory),
+            "first_observation": ep.first_obs,
+            "valid_actions": ep.n_valid,
+            "repeat_stop": ep.repeat_stop,
+        }
+        return self._record(
+            "planner",
+            self.planner,
+            ep,
+            prompt,
+            out,
+            success=ep.success,
+            n_steps=len(ep.history),
+            error=ep.error,
+            info=info,
+        )
+
+    def _record(
+        self, role: Role, policy: Policy, ep: _Episode, prompt: Segment, out: list[Segment], **fields: object
+    ) -> TrajectoryRecord:
+        """A record of ``out`` after ``prompt``; token fields when the policy worked in token space."""
+        if policy.tokenized and prompt.token_ids is not None and all(s.token_ids is not None for s in out):
             ids, mask, logprobs = flatten_output(out)
-            token_fields = dict(
+            fields.update(
                 prompt_ids=prompt.token_ids, output_ids=ids, loss_mask=mask, behaviour_logprobs=logprobs
             )
         return TrajectoryRecord(
             env=self.spec.name,
             split=ep.task.split,
             task_id=ep.task.id,
-            role="planner",
+            role=role,
             trial=ep.trial,
-            adapter_version=self.planner.info.version,
-            source=self.planner.info.name,
+            adapter_version=policy.info.version,
+            source=policy.info.name,
             prompt=prompt.text,
             segments=[OutputSegment(kind=s.kind, text=s.text) for s in out],  # type: ignore[arg-type]
             reward=ep.reward,
-            success=ep.success,
-            n_steps=len(ep.history),
-            error=ep.error,
-            info={
-                "memory": list(ep.memory),
-                "first_observation": ep.first_obs,
-                "valid_actions": ep.n_valid,
-                "repeat_stop": ep.repeat_stop,
-            },
-            **token_fields,
+            **fields,  # type: ignore[arg-type]
         )
 
     # -- reflection round over the failed episodes of one trial
@@ -268,29 +280,8 @@ class _Runner:
             error = gen.error if gen.finish_reason == "error" else None
             if error:
                 self.stats["errors"] += 1
-            prompt = req.segments[0]
-            token_fields: dict[str, object] = {}
-            if gen.token_ids is not None and gen.logprobs is not None and prompt.token_ids is not None:
-                token_fields = dict(
-                    prompt_ids=prompt.token_ids,
-                    output_ids=gen.token_ids,
-                    loss_mask=[1] * len(gen.token_ids),
-                    behaviour_logprobs=gen.logprobs,
-                )
-            rec = TrajectoryRecord(
-                env=self.spec.name,
-                split=ep.task.split,
-                task_id=ep.task.id,
-                role="reflector",
-                trial=ep.trial,
-                adapter_version=self.reflector.info.version,
-                source=self.reflector.info.name,
-                prompt=prompt.text,
-                segments=[OutputSegment(kind="model", text=gen.text)],
-                reward=ep.reward,
-                error=error,
-                **token_fields,
-            )
+            output = Segment("model", gen.text, gen.token_ids, gen.logprobs)
+            rec = self._record("reflector", self.reflector, ep, req.segments[0], [output], error=error)
             out[ep.task.id] = ("" if error else gen.text.strip(), rec)
         return out
 

@@ -50,19 +50,18 @@ def results_rich_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def plot_per_trial(results: dict[str, Any], path: Path) -> Path:
+def _line_plot(
+    series: dict[str, tuple[list[float], list[float]]], path: Path, *, xlabel: str, ylabel: str, title: str
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, m in results["methods"].items():
-        rewards = m["per_trial_reward"]
-        ax.plot(range(1, len(rewards) + 1), rewards, marker="o", label=name)
-    ax.set(
-        xlabel="trial", ylabel="mean reward", title=f"Reward per trial ({results['env']}, {results['split']})"
-    )
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -71,29 +70,35 @@ def plot_per_trial(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_per_trial(results: dict[str, Any], path: Path) -> Path:
+    series = {
+        name: (list(range(1, len(m["per_trial_reward"]) + 1)), m["per_trial_reward"])
+        for name, m in results["methods"].items()
+    }
+    return _line_plot(
+        series,
+        path,
+        xlabel="trial",
+        ylabel="mean reward",
+        title=f"Reward per trial ({results['env']}, {results['split']})",
+    )
+
+
 def plot_learning_curves(results: dict[str, Any], path: Path) -> Path | None:
+    """Train reward per RL iteration against rollout episodes (off- vs on-policy when both ran)."""
     curves = {k: v for k, v in results.get("learning_curves", {}).items() if v}
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, points in curves.items():
-        ax.plot([p["episodes"] for p in points], [p["train_reward"] for p in points], marker="o", label=name)
-    ax.set(
+    series = {
+        name: ([p["episodes"] for p in pts], [p["train_reward"] for p in pts]) for name, pts in curves.items()
+    }
+    return _line_plot(
+        series,
+        path,
         xlabel="environment episodes (rollout trials)",
         ylabel="train reward (mean over trials)",
         title="RL learning curve",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def write_report(results: dict[str, Any], out: Path, *, command: str) -> Path:
