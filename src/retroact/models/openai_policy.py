@@ -90,6 +90,7 @@ class OpenAIPolicy:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), 60.0))
             try:
                 choice = self.client.chat.completions.create(**params).choices[0]
+                text, finish = choice.message.content or "", choice.finish_reason
             except openai.APIConnectionError as err:  # includes timeouts
                 problem = f"{type(err).__name__}: {err}"
                 continue
@@ -100,8 +101,7 @@ class OpenAIPolicy:
                 return _error(problem)
             except Exception as err:  # a malformed reply must not end the run either
                 return _error(f"{type(err).__name__}: {err}")
-            text = choice.message.content or ""
-            if choice.finish_reason == "length":
+            if finish == "length":
                 return Generation(text=text, finish_reason="length")
             if len(sampling.stop) == 1 and not text.endswith(sampling.stop[0]):
                 text += sampling.stop[0]

@@ -1,0 +1,263 @@
+"""HFPolicy: batched sampling, behaviour log-probs, stops, adapters and checkpoints on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, ViTConfig
+
+from retroact.models.base import Generation, GenRequest, Segment
+from retroact.models.base import SamplingParams as SP
+from retroact.models.checkpoint import MANIFEST, CheckpointManifest, save_manifest
+from retroact.models.hf import HFPolicy
+from retroact.models.logprobs import collate, token_logprobs
+from tests.tiny import HOUSEHOLD, make_tiny_model
+
+PROMPTS = ["> go to desk 1\n", "Your task is to: put a pen in drawer.\n> go to drawer 1\nThe", "> "]
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and busy cores make OpenMP threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test model, briefly trained on the household text so greedy decoding writes real lines."""
+    path = make_tiny_model(tmp_path_factory.mktemp("hf"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = AutoTokenizer.from_pretrained(path)(HOUSEHOLD, return_tensors="pt")["input_ids"]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(60):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def policy(model_dir: Path) -> HFPolicy:
+    return HFPolicy.load(model_dir)
+
+
+def requests(policy: HFPolicy, texts: list[str] = PROMPTS, role: str = "planner") -> list[GenRequest]:
+    return [
+        GenRequest(role, [Segment("prompt", t, policy.encode(t, first=True))], view=None)  # type: ignore[arg-type]
+        for t in texts
+    ]
+
+
+def recompute(
+    policy: HFPolicy, reqs: list[GenRequest], gens: list[Generation], temperature: float
+) -> torch.Tensor:
+    batch = collate([r.token_ids for r in reqs], [g.token_ids or [] for g in gens], policy.pad_id)
+    with torch.no_grad():
+        logp, _ = token_logprobs(policy.models["planner"], batch, temperature=temperature)
+    return logp
+
+
+def test_encode_adds_bos_only_when_first(policy: HFPolicy) -> None:
+    tok = policy.tokenizer
+    ids = policy.encode("> go to desk 1\n")
+    assert policy.encode("> go to desk 1\n", first=True) == [tok.bos_token_id, *ids]
+    assert tok.bos_token_id not in ids and policy.decode(ids) == "> go to desk 1\n"
+
+
+def test_greedy_batched_equals_one_at_a_time(policy: HFPolicy) -> None:
+    sampling = SP(temperature=0.0, max_new_tokens=12, stop=())
+    batched = policy.generate(requests(policy), sampling)
+    policy.batch_size = 2  # chunked batches give the same answers
+    assert [g.token_ids for g in policy.generate(requests(policy), sampling)] == [
+        g.token_ids for g in batched
+    ]
+    for req, gen in zip(requests(policy), batched, strict=True):
+        (single,) = policy.generate([req], sampling)
+        assert single.token_ids == gen.token_ids and single.text == gen.text
+        assert single.logprobs == pytest.approx(gen.logprobs, abs=1e-5)
+        assert gen.finish_reason == "length" and len(gen.token_ids or []) == 12
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_behaviour_logprobs_equal_teacher_forced_recompute(policy: HFPolicy, temperature: float) -> None:
+    reqs = requests(policy)
+    gens = policy.generate(reqs, SP(temperature=temperature, max_new_tokens=16, stop=("\n",), seed=3))
+    lengths = {len(g.token_ids or []) for g in gens}
+    assert len(lengths) > 1, "rows should finish at different steps (exercises pruning)"
+    ref = recompute(policy, reqs, gens, temperature if temperature > 0 else 1.0)
+    for row, gen in enumerate(gens):
+        n = len(gen.token_ids or [])
+        assert n == len(gen.logprobs or [])
+        torch.testing.assert_close(torch.tensor(gen.logprobs), ref[row, :n], atol=1e-4, rtol=0)
+        assert policy.decode(gen.token_ids or []) == gen.text
+
+
+def test_sampling_is_seeded(policy: HFPolicy) -> None:
+    def ids(seed: int) -> list[list[int] | None]:
+        return [
+            g.token_ids for g in policy.generate(requests(policy), SP(temperature=1.0, stop=(), seed=seed))
+        ]
+
+    assert ids(5) == ids(5)
+    assert ids(5) != ids(6)
+
+
+def test_tiny_top_p_is_greedy_with_logprob_zero(policy: HFPolicy) -> None:
+    greedy = policy.generate(requests(policy), SP(temperature=0.0, max_new_tokens=8, stop=()))
+    nucleus = policy.generate(requests(policy), SP(temperature=1.0, top_p=1e-6, max_new_tokens=8, stop=()))
+    assert [g.token_ids for g in nucleus] == [g.token_ids for g in greedy]
+    assert all(lp == 0.0 for g in nucleus for lp in g.logprobs or [])
+
+
+def test_stop_string_keeps_the_completing_token(policy: HFPolicy) -> None:
+    (free,) = policy.generate(requests(policy, PROMPTS[:1]), SP(max_new_tokens=30, stop=()))
+    assert "\n" in free.text, free.text
+    for stop in ["\n", free.text[5:7], free.text[12:20]]:  # one- and multi-token stops
+        (gen,) = policy.generate(requests(policy, PROMPTS[:1]), SP(max_new_tokens=30, stop=("zzz", stop)))
+        ids = gen.token_ids or []
+        assert gen.finish_reason == "stop"
+        assert stop in gen.text and stop not in policy.decode(ids[:-1])
+        assert gen.text == policy.decode(ids) and ids == (free.token_ids or [])[: len(ids)]
+
+
+def test_eos_stops_and_is_kept(model_dir: Path) -> None:
+    policy = HFPolicy.load(model_dir)
+    (free,) = policy.generate(requests(policy, PROMPTS[:1]), SP(max_new_tokens=20, stop=()))
+    free_ids = free.token_ids or []
+    eos = free_ids[4]
+    policy.models["planner"].generation_config.eos_token_id = eos
+    (gen,) = policy.generate(requests(policy, PROMPTS[:1]), SP(max_new_tokens=20, stop=()))
+    assert gen.finish_reason == "eos"
+    assert gen.token_ids == free_ids[: free_ids.index(eos) + 1]
+
+
+def test_bad_requests_become_error_generations(policy: HFPolicy) -> None:
+    reqs = requests(policy, ["> go to desk 1\n", "x" * 3000, ""])
+    reqs[2].segments = [Segment("prompt", "> ")]  # never tokenised
+    gens = policy.generate(reqs, SP(max_new_tokens=4, stop=()))
+    assert [g.finish_reason for g in gens] == ["length", "error", "error"]
+    assert "2048 positions" in (gens[1].error or "") and "not tokenised" in (gens[2].error or "")
+
+
+def test_generation_restores_train_mode(policy: HFPolicy) -> None:
+    model = policy.models["planner"]
+    model.train()
+    policy.generate(requests(policy, PROMPTS[:1]), SP(max_new_tokens=2))
+    assert model.training
+
+
+def two_adapters(model_dir: Path) -> PeftModel:
+    torch.manual_seed(1)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LORA, adapter_name="planner")
+    peft.add_adapter("reflector", LORA)
+    return peft
+
+
+def logprobs_by_role(policy: HFPolicy) -> dict[str, list[float]]:
+    sampling = SP(max_new_tokens=10, stop=())
+    return {
+        r: policy.generate(requests(policy, role=r), sampling)[1].logprobs or []
+        for r in ("planner", "reflector")
+    }
+
+
+def test_lora_adapters_per_role_and_checkpoint_round_trip(model_dir: Path, tmp_path: Path) -> None:
+    peft = two_adapters(model_dir)
+    for name in ("planner", "reflector"):  # a trainer's state that generation must not change
+        peft.set_requires_grad(name, True)
+    policy = HFPolicy(
+        peft, AutoTokenizer.from_pretrained(model_dir), {"planner": "planner", "reflector": "reflector"}
+    )
+    base = HFPolicy.load(model_dir)
+    out, base_out = logprobs_by_role(policy), logprobs_by_role(base)
+    assert out["planner"] != pytest.approx(out["reflector"], abs=1e-3)
+    assert out["planner"] != pytest.approx(base_out["planner"], abs=1e-3)
+    assert all(p.requires_grad for n, p in peft.named_parameters() if "lora_" in n)
+    mixed = policy.generate(
+        requests(policy, role="reflector") + requests(policy), SP(max_new_tokens=10, stop=())
+    )
+    assert [mixed[1].logprobs, mixed[4].logprobs] == [out["reflector"], out["planner"]]
+
+    ckpt = tmp_path / "ckpt"
+    peft.save_pretrained(ckpt)
+    policy.tokenizer.save_pretrained(ckpt / "tokenizer")
+    roles = {"planner": "planner", "reflector": "reflector"}
+    save_manifest(
+        ckpt, CheckpointManifest(base_model=str(model_dir), finetune="lora", roles=roles, version=3)
+    )
+    loaded = HFPolicy.load(ckpt)
+    assert loaded.info.version == 3 and loaded.adapters == roles
+    for role, lps in logprobs_by_role(loaded).items():
+        assert lps == pytest.approx(out[role], abs=1e-5)
+
+
+def test_shared_lora_adapter_serves_both_roles(model_dir: Path, tmp_path: Path) -> None:
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LORA, adapter_name="shared")
+    peft.save_pretrained(tmp_path)
+    roles = {"planner": "shared", "reflector": "shared"}
+    save_manifest(tmp_path, CheckpointManifest(base_model=str(model_dir), finetune="lora", roles=roles))
+    loaded = HFPolicy.load(tmp_path)
+    assert loaded.adapters == {"planner": "shared", "reflector": "shared"}
+    out = logprobs_by_role(loaded)
+    assert out["planner"] == out["reflector"]
+
+
+def test_full_models_per_role(model_dir: Path, tmp_path: Path) -> None:
+    for sub, scale in (("planner", 1.0), ("reflector", 0.5)):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(scale)
+        model.save_pretrained(tmp_path / sub)
+    roles = {"planner": "planner", "reflector": "reflector"}
+    save_manifest(tmp_path, CheckpointManifest(base_model=str(model_dir), finetune="full", roles=roles))
+    loaded = HFPolicy.load(tmp_path)  # no tokenizer dir: falls back to the base model's
+    out = logprobs_by_role(loaded)
+    assert out["planner"] == pytest.approx(logprobs_by_role(HFPolicy.load(model_dir))["planner"], abs=1e-5)
+    assert out["planner"] != pytest.approx(out["reflector"], abs=1e-3)
+
+    save_manifest(
+        tmp_path,
+        CheckpointManifest(
+            base_model=str(model_dir), finetune="full", roles=dict.fromkeys(roles, "reflector")
+        ),
+    )
+    shared = HFPolicy.load(tmp_path)
+    assert shared.models["planner"] is shared.models["reflector"]
+
+
+def test_load_errors(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        HFPolicy.load(tmp_path / "missing")
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="vit: cannot load a causal language model"):
+        HFPolicy.load(tmp_path / "vit")
+
+    (tmp_path / MANIFEST).write_text(
+        json.dumps({"base_model": str(model_dir), "finetune": "qlora", "roles": {}})
+    )
+    with pytest.raises(ValueError, match=f"{MANIFEST}: invalid checkpoint manifest"):
+        HFPolicy.load(tmp_path)
+    save_manifest(
+        tmp_path, CheckpointManifest(base_model=str(model_dir), finetune="lora", roles={"planner": "p"})
+    )
+    with pytest.raises(ValueError, match="roles: no directory for reflector"):
+        HFPolicy.load(tmp_path)
+    roles = {"planner": "p", "reflector": "r"}
+    save_manifest(tmp_path, CheckpointManifest(base_model=str(model_dir), finetune="lora", roles=roles))
+    with pytest.raises(FileNotFoundError, match="roles.planner: directory .* does not exist"):
+        HFPolicy.load(tmp_path)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    with pytest.raises(ValueError, match="p: cannot load the LoRA adapter"):
+        HFPolicy.load(tmp_path)
