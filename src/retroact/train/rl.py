@@ -162,6 +162,7 @@ def train_rl(
     )
     train_tasks = list_tasks(cfg.env, "train", None, cfg.seed)
     history: list[dict[str, Any]] = []
+    loaded: dict[int, list[TrajectoryRecord]] = {}  # iteration -> its buffer records, read from disk once
     try:
         for it in range(done, cfg.iterations):
             t0 = time.perf_counter()
@@ -169,7 +170,6 @@ def train_rl(
             buffer_file = buffer_dir / f"iter_{it:04d}.jsonl"
             if buffer_file.exists():  # rolled out before a kill during the update
                 records = read_records(buffer_file)
-                rollout = None
             else:
                 tasks = [
                     train_tasks[(it * cfg.tasks_per_iteration + j) % len(train_tasks)]
@@ -183,11 +183,11 @@ def train_rl(
                     seed=cfg.seed * 7919 + it,
                     env_options=cfg.env_options,
                 )
-                rollout = run_trials(cfg.env, _unique(tasks), policy, policy, loop_cfg)
-                records = rollout.records
+                records = run_trials(cfg.env, _unique(tasks), policy, policy, loop_cfg).records
                 write_records(buffer_file, records)
+            loaded[it] = records
             t_rollout = time.perf_counter() - t0
-            buffer = _buffer(buffer_dir, it, cfg)
+            buffer = _buffer(buffer_dir, it, cfg, loaded)
             samples, dropped = build_samples(buffer, cfg.rewards)
             update = _update(
                 trainable,
@@ -276,8 +276,12 @@ def _save_iteration(
     replace_dir(staging, run / "latest")
 
 
-def _buffer(buffer_dir: Path, it: int, cfg: RLConfig) -> list[TrajectoryRecord]:
-    """The records the update may use: the latest iteration (on-policy) or all fresh enough ones."""
+def _buffer(
+    buffer_dir: Path, it: int, cfg: RLConfig, loaded: dict[int, list[TrajectoryRecord]]
+) -> list[TrajectoryRecord]:
+    """The records the update may use: the latest iteration (on-policy) or all fresh enough ones.
+
+    ``loaded`` caches each iteration's file, so the buffer is not re-read from disk every iteration."""
     first = (
         it
         if cfg.mode == "on_policy"
@@ -285,7 +289,10 @@ def _buffer(buffer_dir: Path, it: int, cfg: RLConfig) -> list[TrajectoryRecord]:
         if cfg.max_staleness is not None
         else 0
     )
-    return [r for k in range(first, it + 1) for r in read_records(buffer_dir / f"iter_{k:04d}.jsonl")]
+    for k in range(first, it + 1):
+        if k not in loaded:
+            loaded[k] = read_records(buffer_dir / f"iter_{k:04d}.jsonl")
+    return [r for k in range(first, it + 1) for r in loaded[k]]
 
 
 def _update(
