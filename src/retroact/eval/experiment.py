@@ -21,6 +21,7 @@ from retroact.agent.loop import LoopConfig
 from retroact.agent.records import read_records, write_records
 from retroact.data.collect import collect
 from retroact.eval.evaluate import evaluate
+from retroact.models.pretrained import SMOLLM2
 from retroact.models.tiny import TinyModelConfig
 from retroact.train.il import ILConfig, train_il
 from retroact.train.rl import RLConfig, train_rl
@@ -85,7 +86,11 @@ class ExperimentConfig(BaseModel):
 
     env: str = "household"
     env_options: dict[str, Any] = Field(default_factory=dict)
-    model: str = Field("tiny", description="`tiny` (built by init-model into OUT/model) or a model path.")
+    model: str = Field(
+        "tiny",
+        description=f"`tiny` (built by init-model into OUT/model), `{SMOLLM2}` (converted once into the "
+        "cache, see docs/models.md) or a model path.",
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     collect: CollectSettings = Field(default_factory=CollectSettings)
@@ -125,6 +130,14 @@ class Experiment:
 
     # -- shared stages
     def model_path(self) -> str:
+        if self.cfg.model == SMOLLM2:
+            from retroact.models.pretrained import init_pretrained, smollm2_dir
+
+            path = smollm2_dir()
+            if not (path / "config.json").exists():
+                self._stage(f"init-model --from {SMOLLM2} -> {path}")
+                init_pretrained(SMOLLM2, path)
+            return str(path)
         if self.cfg.model != "tiny":
             return self.cfg.model
         path = self.out / "model"
@@ -171,8 +184,9 @@ class Experiment:
         path = self.il_path(seed, overrides, data)
         if not _il_done(path):
             il_cfg = self.il_config(seed, overrides)
+            model = self.model_path()  # its own stage when the tiny model is still to be built
             self._stage(f"imitation learning ({il_cfg.finetune}, {il_cfg.epochs} epochs) -> {path.name}")
-            train_il(data, self.model_path(), path, il_cfg)
+            train_il(data, model, path, il_cfg)
         return path
 
     def rl_config(self, seed: int, method: MethodSpec) -> RLConfig:
@@ -222,12 +236,25 @@ class Experiment:
         return self.il_ckpt(seed, method.il, data=merged)
 
     # -- one method, one seed
+    def eval_inputs(self, method: MethodSpec) -> dict[str, Any]:
+        """Every setting an evaluation's result depends on: a change in any of them re-runs it."""
+        c = self.cfg
+        inputs: dict[str, Any] = {"method": method.model_dump(), "env": c.env, "env_options": c.env_options,
+                                  "eval": c.eval.model_dump()}
+        if method.kind != "expert":
+            inputs |= {"model": c.model, "tiny": c.tiny.model_dump() if c.model == "tiny" else None}
+        if method.kind not in ("expert", "react", "reflexion"):
+            inputs |= {"collect": c.collect.model_dump(), "il": c.il}
+        if method.kind == "rl":
+            inputs["rl"] = c.rl
+        return inputs
+
     def evaluate(self, seed: int, method: MethodSpec) -> dict[str, Any]:
         from retroact.models import load_policies
         from retroact.models.hf import HFPolicy
 
         e = self.cfg.eval
-        path = self.out / f"seed{seed}" / "eval" / f"{_slug(method.name)}-{_key(method.model_dump())}"
+        path = self.out / f"seed{seed}" / "eval" / f"{_slug(method.name)}-{_key(self.eval_inputs(method))}"
         if (path / "results.json").exists():
             return json.loads((path / "results.json").read_text())
         kind = method.kind

@@ -32,6 +32,36 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_trial(values: list[float]) -> str:
+    return " / ".join(f"{100 * v:.1f}" for v in values)
+
+
+def eval_results_markdown(runs: list[dict[str, Any]]) -> str:
+    """One row per ``retroact eval`` run (its results.json), with the command that reproduces it."""
+    lines = [
+        "| env / split | tasks | planner / reflector | reward ×100 per trial | success % per trial | run |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for r in runs:
+        command = (
+            f"retroact eval --env {r['env']} --split {r['split']} --tasks {r['n_tasks']} "
+            f"--trials {r['trials']} --planner {_cli_name(r['planner'])} "
+            f"--reflector {_cli_name(r['reflector'])}"
+        )
+        lines.append(
+            f"| {r['env']} / {r['split']} | {r['n_tasks']} | {r['planner']} / {r['reflector']} | "
+            f"{_per_trial(r['per_trial_reward'])} | {_per_trial(r['per_trial_success'])} | `{command}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _cli_name(policy: str | None) -> str:
+    """The --planner/--reflector value a policy name came from (scripted experts are named expert:ENV)."""
+    if not policy:
+        return "none"
+    return "expert" if policy.startswith("expert:") else policy
+
+
 def results_rich_table(results: dict[str, Any]) -> Table:
     table = Table(
         title=f"{results['env']} / {results['split']}: {results['n_tasks']} tasks, {results['trials']} trials"

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from retroact.models.base import Policy
 
 
-def load_policies(env: str, planner: str, reflector: str) -> tuple[Policy, Policy | None]:
-    """Resolve ``--planner`` / ``--reflector`` strings; one path named twice loads one model."""
+def load_policies(
+    env: str, planner: str, reflector: str, *, api_options: Mapping[str, Any] | None = None
+) -> tuple[Policy, Policy | None]:
+    """Resolve ``--planner`` / ``--reflector`` strings; one name given twice loads one policy.
+
+    ``api_options`` are extra :class:`~retroact.models.openai_policy.OpenAIPolicy` arguments for
+    ``openai:MODEL`` (e.g. ``cache``, ``max_requests``, ``strict``). Paths and hub names load as
+    :class:`~retroact.models.hf.HFPolicy` in the prompt format stored with their tokenizer.
+    """
     from retroact.envs import get_spec
 
     experts: tuple[Policy, Policy] | None = None
@@ -25,7 +35,7 @@ def load_policies(env: str, planner: str, reflector: str) -> tuple[Policy, Polic
             if name.startswith("openai:"):
                 from retroact.models.openai_policy import OpenAIPolicy
 
-                loaded[name] = OpenAIPolicy(model=name.removeprefix("openai:"))
+                loaded[name] = OpenAIPolicy(model=name.removeprefix("openai:"), **dict(api_options or {}))
             else:
                 from retroact.models.hf import HFPolicy
 

@@ -112,8 +112,12 @@ class Policy(Protocol):
         """Whether this policy works in token space (then ``encode`` returns ids)."""
         ...
 
-    def encode(self, text: str, *, first: bool = False) -> list[int] | None:
-        """Token ids of a prompt (``first``: add BOS) or env segment; None for text-only policies."""
+    def encode(self, text: str, kind: SegmentKind) -> list[int] | None:
+        """Token ids of a segment's text as this policy reads it; None for text-only policies.
+
+        ``prompt`` opens a context (BOS, or a chat template's conversation head), ``env`` follows
+        a model segment, ``model`` is text as the model would write it (see models/chat.py).
+        """
         ...
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:

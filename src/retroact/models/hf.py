@@ -3,10 +3,14 @@
 Generation is our own sampling loop (not ``model.generate``) so the behaviour log-probs are
 recorded from exactly the distribution each token was drawn from: log-softmax(logits / T)
 after the top-p cut, renormalised; at T = 0 (greedy) those of the untempered model.
+
+Texts become ids through the tokenizer's prompt format (``raw`` or ``chat``, see models/chat.py);
+nothing here assumes one architecture or tokenizer: any causal LM that transformers loads works.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -17,18 +21,20 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams
+from retroact.models.chat import PromptFormat, SegmentEncoder, TokenizerIO, drop_end_of_turn
 from retroact.models.checkpoint import MANIFEST, is_checkpoint, load_manifest
 
 ROLES: tuple[Role, ...] = ("planner", "reflector")
 
 
-class HFPolicy:
+class HFPolicy(TokenizerIO):
     """A planner/reflector backend on local HF models.
 
     ``model`` is one causal LM shared by both roles (optionally a ``PeftModel``; ``adapters``
     then names the adapter each role uses, a role left out uses the base with adapters off),
     or a role -> model mapping (full fine-tuning; the shared ablation maps both roles to one
     object). RL trainers may update the adapters or models in place between calls.
+    ``prompt_format`` None uses the format stored with the tokenizer (``raw`` if none is).
     """
 
     def __init__(
@@ -40,6 +46,7 @@ class HFPolicy:
         name: str = "hf",
         version: int = 0,
         batch_size: int = 16,
+        prompt_format: PromptFormat | None = None,
     ) -> None:
         self.models: dict[Role, torch.nn.Module] = (
             {r: model[r] for r in ROLES} if isinstance(model, Mapping) else dict.fromkeys(ROLES, model)
@@ -50,30 +57,32 @@ class HFPolicy:
             if not isinstance(peft, PeftModel) or adapter not in peft.peft_config:
                 raise ValueError(f"role {role}: adapter {adapter!r} is not loaded on its model")
         self.tokenizer = tokenizer
+        self.segments = SegmentEncoder(tokenizer, prompt_format)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id: int = pad if pad is not None else 0
         self.batch_size = batch_size
         self.info = PolicyInfo(name=name, version=version)
 
     @classmethod
-    def load(cls, source: str | Path, *, trainable: bool = False, batch_size: int = 16) -> HFPolicy:
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        trainable: bool = False,
+        batch_size: int = 16,
+        prompt_format: PromptFormat | None = None,
+    ) -> HFPolicy:
         """A model directory, a hub name, or a RetroAct checkpoint (``trainable``: adapters get grads)."""
         if is_checkpoint(source):
-            return _load_checkpoint(Path(source), trainable, batch_size)
+            return _load_checkpoint(Path(source), trainable, batch_size, prompt_format)
         model = load_causal_lm(source)
-        return cls(model, _load_tokenizer(source), name=Path(source).name, batch_size=batch_size)
-
-    @property
-    def tokenized(self) -> bool:
-        return True
-
-    def encode(self, text: str, *, first: bool = False) -> list[int]:
-        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
-        bos = self.tokenizer.bos_token_id
-        return [bos, *ids] if first and bos is not None else ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return cls(
+            model,
+            _load_tokenizer(source),
+            name=Path(source).name,
+            batch_size=batch_size,
+            prompt_format=prompt_format,
+        )
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:
         """Batched sampling per role; a request that cannot run gets an ``error`` generation."""
@@ -97,7 +106,7 @@ class HFPolicy:
                         model, [prompts[i] for i in chunk], sampling, generator, eos, self.pad_id, self.decode
                     )
                     for i, gen in zip(chunk, gens, strict=True):
-                        out[i] = gen
+                        out[i] = drop_end_of_turn(gen, self.prompt_format, self.decode)
         return cast(list[Generation], out)
 
     def _prompt(self, req: GenRequest, sampling: SamplingParams) -> list[int]:
@@ -242,13 +251,20 @@ def _restore_adapters(
         param.requires_grad_(flag)
 
 
+def default_device() -> torch.device:
+    """Where models run: ``$RETROACT_DEVICE`` (e.g. ``cpu``, ``cuda:1``), else the first GPU if any."""
+    return torch.device(os.environ.get("RETROACT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_causal_lm(source: str | Path) -> PreTrainedModel:
-    """``AutoModelForCausalLM`` from a directory or hub name, with errors that say what is wrong."""
+    """``AutoModelForCausalLM`` from a directory or hub name on :func:`default_device`, with errors
+    that say what is wrong."""
     local = Path(source).expanduser()
     if not local.exists() and (local.is_absolute() or str(source).startswith((".", "~"))):
         raise FileNotFoundError(f"{source}: no such model directory")
     try:
-        return AutoModelForCausalLM.from_pretrained(local if local.exists() else str(source))
+        model = AutoModelForCausalLM.from_pretrained(local if local.exists() else str(source))
+        return model.to(default_device())
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{source}: cannot load a causal language model: {first}") from err
@@ -261,7 +277,9 @@ def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
         raise ValueError(f"{source}: cannot load a tokenizer: {err}") from err
 
 
-def _load_checkpoint(path: Path, trainable: bool, batch_size: int) -> HFPolicy:
+def _load_checkpoint(
+    path: Path, trainable: bool, batch_size: int, prompt_format: PromptFormat | None
+) -> HFPolicy:
     """A checkpoint (see :mod:`retroact.models.checkpoint`) as a policy.
 
     LoRA adapters are named after their role, or ``shared`` when both roles use one directory.
@@ -281,7 +299,14 @@ def _load_checkpoint(path: Path, trainable: bool, batch_size: int) -> HFPolicy:
     if manifest.finetune == "full":
         by_dir = {sub: load_causal_lm(path / sub) for sub in set(dirs.values())}
         models = {role: by_dir[sub] for role, sub in dirs.items()}
-        return HFPolicy(models, tokenizer, name=path.name, version=manifest.version, batch_size=batch_size)
+        return HFPolicy(
+            models,
+            tokenizer,
+            name=path.name,
+            version=manifest.version,
+            batch_size=batch_size,
+            prompt_format=prompt_format,
+        )
     names = {role: "shared" if list(dirs.values()).count(sub) > 1 else role for role, sub in dirs.items()}
     model: torch.nn.Module = load_causal_lm(base_src)
     for adapter, sub in {names[role]: dirs[role] for role in ROLES}.items():
@@ -294,4 +319,12 @@ def _load_checkpoint(path: Path, trainable: bool, batch_size: int) -> HFPolicy:
                 )
         except (OSError, ValueError) as err:
             raise ValueError(f"{where}: {path / sub}: cannot load the LoRA adapter: {err}") from err
-    return HFPolicy(model, tokenizer, names, name=path.name, version=manifest.version, batch_size=batch_size)
+    return HFPolicy(
+        model,
+        tokenizer,
+        names,
+        name=path.name,
+        version=manifest.version,
+        batch_size=batch_size,
+        prompt_format=prompt_format,
+    )

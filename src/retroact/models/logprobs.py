@@ -61,8 +61,11 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, T] of ``batch.targets`` (0 where masked), and optionally the entropy [B, T].
 
-    Gradients flow when the caller has them enabled.
+    The batch runs on the model's device; the results come back on the CPU (gradients flow through
+    the copy when the caller has them enabled), so the losses never care where the model lives.
     """
+    home = batch.targets.device
+    batch = batch.to(next(model.parameters()).device)
     t_len = batch.targets.shape[1]
     out = model(
         input_ids=batch.input_ids,
@@ -78,5 +81,5 @@ def token_logprobs(
     logp = logp_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) * batch.target_mask
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * batch.target_mask
-    return logp, entropy
+        entropy = (-(logp_all.exp() * logp_all).sum(-1) * batch.target_mask).to(home)
+    return logp.to(home), entropy

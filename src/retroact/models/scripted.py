@@ -11,6 +11,7 @@ from retroact.models.base import (
     PolicyInfo,
     ReflectorView,
     SamplingParams,
+    SegmentKind,
 )
 
 
@@ -29,7 +30,7 @@ class ScriptedPolicy:
     def tokenized(self) -> bool:
         return False
 
-    def encode(self, text: str, *, first: bool = False) -> list[int] | None:
+    def encode(self, text: str, kind: SegmentKind) -> list[int] | None:
         return None
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:

@@ -29,6 +29,7 @@ from retroact.models.checkpoint import (
     replace_dir,
     save_manifest,
 )
+from retroact.models.hf import default_device
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def set_num_threads(n: int | None) -> int:
 
 
 def load_model(path: str | Path) -> PreTrainedModel:
-    """A local causal LM in float32, with errors that say what is wrong with ``path``."""
+    """A local causal LM in float32 on :func:`default_device`, with errors that say what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise ModelPathError(f"{path}: model directory not found")
@@ -80,7 +81,7 @@ def load_model(path: str | Path) -> PreTrainedModel:
     if not (path / "config.json").is_file():
         raise ModelPathError(f"{path}: not a Hugging Face model directory (no config.json)")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(default_device())
     except ValueError as err:
         raise ModelPathError(f"{path}: not a causal language model: {str(err).splitlines()[0]}") from None
     except OSError as err:

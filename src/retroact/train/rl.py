@@ -29,8 +29,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from retroact.agent.loop import LoopConfig, run_trials
+from retroact.agent.loop import LoopConfig
 from retroact.agent.records import TrajectoryRecord, read_records, write_records
+from retroact.agent.rollout import RolloutConfig, Rollouts
 from retroact.data.il_dataset import ILExample, collate_examples, length_batches, load_role_data
 from retroact.envs import list_tasks
 from retroact.eval.evaluate import evaluate
@@ -54,6 +55,8 @@ from retroact.train.rewards import RewardConfig, RLSample, build_samples
 
 log = logging.getLogger(__name__)
 ROLES: tuple[Role, ...] = ("planner", "reflector")
+RESUMABLE = {"num_threads", "tensorboard", "iterations", "rollout"}
+"""Settings a resumed run may change; where rollouts run (local or Ray, workers, address) among them."""
 
 
 class RLConfig(BaseModel):
@@ -101,6 +104,11 @@ class RLConfig(BaseModel):
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="Torch CPU threads; null: all cores.")
     tensorboard: bool = Field(False, description="Also log to RUN/tensorboard (if installed).")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig,
+        description="Where rollouts run: `backend: local | ray`, `num_workers`, `shard_size`, `address`, "
+        "`generation: {backend: hf | vllm}` (docs/gpu.md).",
+    )
 
 
 class RLError(ValueError):
@@ -122,7 +130,7 @@ def train_rl(
     set_num_threads(cfg.num_threads)
     latest = _latest_dir(run)
     state: dict[str, Any] = json.loads((latest / "state.json").read_text()) if latest else {}
-    if state and state["config"] != cfg.model_dump(exclude={"num_threads", "tensorboard", "iterations"}):
+    if state and state["config"] != cfg.model_dump(exclude=RESUMABLE):
         raise RLError(f"{run}: cannot resume with different settings; use the original config or a new --out")
     done = int(state.get("iteration", 0))
     ckpt = latest / "ckpt" if latest else Path(init_ckpt)
@@ -157,6 +165,7 @@ def train_rl(
     for stale in sorted(buffer_dir.glob("iter_*.jsonl")):  # iterations a kill left unfinished
         if int(stale.stem.split("_")[1]) > done:
             stale.unlink()
+    rollouts = Rollouts(cfg.rollout, ckpt)  # replicas start from the checkpoint the driver loaded
     metrics_log = MetricsLog(
         run / "metrics.jsonl", resume_step=done if latest else None, tensorboard=cfg.tensorboard
     )
@@ -183,7 +192,7 @@ def train_rl(
                     seed=cfg.seed * 7919 + it,
                     env_options=cfg.env_options,
                 )
-                records = run_trials(cfg.env, _unique(tasks), policy, policy, loop_cfg).records
+                records = rollouts.run(cfg.env, _unique(tasks), policy, loop_cfg).records
                 write_records(buffer_file, records)
             loaded[it] = records
             t_rollout = time.perf_counter() - t0
@@ -228,11 +237,13 @@ def train_rl(
                 )
                 row["eval"] = {k: ev[k] for k in ("IR", "FR", "AR", "per_trial_reward", "per_trial_success")}
             row["seconds"] = round(time.perf_counter() - t0, 2)
-            _save_iteration(run, trainable, tokenizer, manifest, optimizer, cfg, it + 1)
+            # Logged before the checkpoint swap: a kill in between leaves a line that resume drops.
             metrics_log.log("iteration", it + 1, **row)
+            _save_iteration(run, trainable, tokenizer, manifest, optimizer, cfg, it + 1)
             history.append(row)
             console.print(_progress_line(row, cfg.iterations))
     finally:
+        rollouts.close()
         metrics_log.close()
     return history
 
@@ -270,7 +281,7 @@ def _save_iteration(
     save_state(staging / "optimizer.pt", {"optimizer": optimizer.state_dict()})
     state = {
         "iteration": finished,
-        "config": cfg.model_dump(exclude={"num_threads", "tensorboard", "iterations"}),
+        "config": cfg.model_dump(exclude=RESUMABLE),
     }
     (staging / "state.json").write_text(json.dumps(state, indent=2))
     replace_dir(staging, run / "latest")
