@@ -14,7 +14,7 @@ from retroact.config import load_config
 from retroact.eval.experiment import BUILTIN_METHODS, Experiment, ExperimentConfig
 from retroact.paths import REPO_ROOT
 
-EXPERIMENT_CONFIGS = ("demo*.yaml", "rl-curves.yaml", "smollm2-*.yaml")
+EXPERIMENT_CONFIGS = ("demo*.yaml", "rl-curves.yaml", "smollm2-*.yaml", "*-synth.yaml")
 CONFIGS = sorted(p for g in EXPERIMENT_CONFIGS for p in (REPO_ROOT / "configs").glob(g)) + sorted(
     (REPO_ROOT / "configs" / "paper").glob("*.yaml")
 )
@@ -111,6 +111,9 @@ def test_readme_results_block_is_replaced(tmp_path: Path) -> None:
     assert row in text
     command = "--env hotpotqa --split test --tasks 100 --trials 3 --planner expert --reflector expert"
     assert f"`retroact eval {command}`" in text
+    two = CliRunner().invoke(app, [*args, "--command", "a", "--command", "b"])
+    assert isinstance(two.exception, ValueError)  # main() prints it as one error line
+    assert "1 experiment results but 2 --command values" in str(two.exception)
 
 
 def test_an_evaluation_is_redone_when_a_setting_it_depends_on_changes(tmp_path: Path) -> None:

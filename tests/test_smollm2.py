@@ -149,6 +149,24 @@ def test_smollm2_batched_household_rollout(smollm2: Path) -> None:
 
 
 @pytest.mark.slow
+def test_smollm2_expert_text_tokenises_as_one_natural_text(smollm2: Path) -> None:
+    """SmolLM2 writes a word's leading space into the word's token ("> go" is ">", " go"): the
+    context's trailing space goes to the model's first word, so the segment-wise ids of expert
+    records are the tokeniser's own ids of the whole text, with no lone-space token before an action."""
+    enc = HFPolicy.load(smollm2).segments
+    assert enc.space_to_model
+    tasks = list_tasks("household", "train", 4, 0)
+    records = run_trials("household", tasks, *get_spec("household").experts(), LoopConfig(trials=2)).records
+    encoded = enc.encode_records([(r.prompt, [(s.kind, s.text) for s in r.segments]) for r in records])
+    bos = [enc.tokenizer.bos_token_id] if enc.tokenizer.bos_token_id is not None else []
+    lone_space = enc.tokenizer.encode(" ", add_special_tokens=False)
+    for rec, (prompt, output, mask) in zip(records, encoded, strict=True):
+        whole = enc.tokenizer.encode(rec.prompt + rec.output, add_special_tokens=False)
+        assert prompt + output == bos + whole
+        assert prompt[-len(lone_space):] != lone_space and sum(mask) > 0
+
+
+@pytest.mark.slow
 def test_smollm2_il_and_rl_steps(smollm2: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     collect("household", *get_spec("household").experts(), data, n_tasks=3, config=LoopConfig(trials=1))

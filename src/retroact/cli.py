@@ -392,7 +392,10 @@ def readme_results_cmd(
     readme: Annotated[Path, typer.Option(help="README to update between the results markers.")] = Path(
         "README.md"
     ),
-    command: Annotated[str, typer.Option(help="Command that reproduces the experiment.")] = "make run",
+    command: Annotated[
+        list[str] | None,
+        typer.Option(help="Command that reproduces each experiment, in order (default: `make run`)."),
+    ] = None,
 ) -> None:
     """Replace the README's generated results block with the tables of real runs."""
     import json
@@ -404,10 +407,13 @@ def readme_results_cmd(
     if start not in text or end not in text:
         raise ValueError(f"{readme}: no {start} ... {end} block to replace")
     loaded = [(path, json.loads(path.read_text(encoding="utf-8"))) for path in results]
+    experiments = [(path, r) for path, r in loaded if "methods" in r]
+    commands = command or ["make run"]
+    if len(commands) != len(experiments):
+        raise ValueError(f"{len(experiments)} experiment results but {len(commands)} --command values")
     parts = [
-        f"Generated from `{path}`; reproduce with `{command}`.\n\n{results_markdown(r)}"
-        for path, r in loaded
-        if "methods" in r
+        f"Generated from `{path}`; reproduce with `{cmd}`.\n\n{results_markdown(r)}"
+        for (path, r), cmd in zip(experiments, commands, strict=True)
     ]
     evals = [r for _, r in loaded if "methods" not in r]
     if evals:

@@ -103,6 +103,10 @@ class SegmentEncoder:
         self.tokenizer = tokenizer
         self.format: PromptFormat = fmt or prompt_format_of(tokenizer)
         self.chat = ChatPieces.of(tokenizer) if self.format == "chat" else None
+        self.space_to_model = _space_starts_words(tokenizer)
+        """Context text ending in a space (the step prefix "> ") loses that space, which the model
+        then writes as the start of its first word ("> go" is ">", " go" for such tokenizers:
+        a lone " " token before "go" is a context the pretrained model never saw)."""
 
     def text(self, text: str, kind: SegmentKind) -> str:
         """The string that is tokenised for a segment (the template's markers included)."""
@@ -112,14 +116,27 @@ class SegmentEncoder:
         opening = self.chat.head if kind == "prompt" else self.chat.to_user
         return opening + lines.strip() + self.chat.to_assistant + prefix
 
+    def tokenised(self, text: str, kind: SegmentKind) -> str:
+        """:meth:`text` less the trailing space a context leaves to the model (``space_to_model``)."""
+        full = self.text(text, kind)
+        return full[:-1] if self.space_to_model and kind != "model" and full.endswith(" ") else full
+
     def encode(self, text: str, kind: SegmentKind) -> list[int]:
         return self.encode_many([(text, kind)])[0]
+
+    def model_text(self, text: str, before: tuple[str, SegmentKind]) -> str:
+        """A model segment's text as the model writes it after the segment ``before``: with the
+        space that context lost (see ``space_to_model``)."""
+        lost_space = self.tokenised(*before) != self.text(*before)
+        if lost_space and not text[:1].isspace():
+            return " " + text
+        return text
 
     def encode_many(self, pieces: Sequence[tuple[str, SegmentKind]]) -> list[list[int]]:
         """Ids of many segments in one tokenizer call; raw prompts get BOS (when there is one)."""
         if not pieces:
             return []
-        texts = [self.text(text, kind) for text, kind in pieces]
+        texts = [self.tokenised(text, kind) for text, kind in pieces]
         ids: list[list[int]] = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         if self.chat is None and bos is not None:
@@ -138,7 +155,8 @@ class SegmentEncoder:
         pieces: list[tuple[str, SegmentKind]] = []
         for prompt, segments in records:
             pieces.append((prompt, "prompt"))
-            pieces.extend((text, kind) for kind, text in segments)
+            for kind, text in segments:
+                pieces.append((self.model_text(text, pieces[-1]) if kind == "model" else text, kind))
         ids = iter(self.encode_many(pieces))
         out = []
         for _, segments in records:
@@ -149,6 +167,14 @@ class SegmentEncoder:
                 mask.extend([int(kind == "model")] * len(piece))
             out.append((prompt_ids, output, mask))
         return out
+
+
+def _space_starts_words(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer writes a word's leading space into the word's token."""
+    def ids(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    return ids("> go") != ids("> ") + ids("go")
 
 
 def drop_end_of_turn(

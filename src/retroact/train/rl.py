@@ -429,10 +429,15 @@ def _progress_line(row: dict[str, Any], total: int) -> str:
     train = row["train"]
     ev = row.get("eval", {})
     evs = f" eval IR {ev['IR']:.3f} FR {ev['FR']:.3f}" if ev else ""
+    update = (
+        f"L_RL {row['loss_rl']:.4f} L_IL {row['loss_il']:.4f} ratio {row['mean_ratio']:.3f} "
+        f"clip {row['clipped_fraction']:.3f} H {row['entropy']:.3f}"
+        if sum(row["samples"].values())
+        else "no RL samples (nothing to update)"
+    )
     return (
         f"[bold]iter {row['iteration'] + 1}/{total}[/bold] train R/trial "
-        f"{' '.join(f'{x:.2f}' for x in train['per_trial_reward'])}{evs} | L_RL {row['loss_rl']:.4f} "
-        f"L_IL {row['loss_il']:.4f} ratio {row['mean_ratio']:.3f} clip {row['clipped_fraction']:.3f} "
-        f"H {row['entropy']:.3f} valid {train['valid_action_rate']:.2f} "
+        f"{' '.join(f'{x:.2f}' for x in train['per_trial_reward'])}{evs} | {update} "
+        f"valid {train['valid_action_rate']:.2f} "
         f"repeat {train['repeated_action_rate']:.2f} buffer {row['buffer_records']} | {row['seconds']:.0f}s"
     )
