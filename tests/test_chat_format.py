@@ -25,7 +25,7 @@ from retroact.models.chat import (
     split_prefix,
 )
 from retroact.models.hf import HFPolicy
-from tests.tiny import HOUSEHOLD, make_tiny_model
+from tests.tiny import HOUSEHOLD, make_tiny_model, overfit
 
 SYSTEM = "Be brief."
 CHATML = (
@@ -69,12 +69,7 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.resize_token_embeddings(len(tok))
     model.generation_config.eos_token_id = tok.eos_token_id
     ids = torch.tensor([household_chat_ids(SegmentEncoder(tok))])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(80):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    overfit(model, ids, 80)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

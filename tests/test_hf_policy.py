@@ -15,7 +15,7 @@ from retroact.models.base import SamplingParams as SP
 from retroact.models.checkpoint import MANIFEST, CheckpointManifest, save_manifest
 from retroact.models.hf import HFPolicy
 from retroact.models.logprobs import collate, token_logprobs
-from tests.tiny import HOUSEHOLD, make_tiny_model
+from tests.tiny import HOUSEHOLD, make_tiny_model, overfit
 
 PROMPTS = ["> go to desk 1\n", "Your task is to: put a pen in drawer.\n> go to drawer 1\nThe", "> "]
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -28,12 +28,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = make_tiny_model(tmp_path_factory.mktemp("hf"))
     model = AutoModelForCausalLM.from_pretrained(path)
     ids = AutoTokenizer.from_pretrained(path)(HOUSEHOLD, return_tensors="pt")["input_ids"]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(60):
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    overfit(model, ids, 60)
     model.save_pretrained(path)
     return path
 

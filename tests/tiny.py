@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from retroact.models.tiny import TinyModelConfig, build_tiny_model
 
 HOUSEHOLD = (
@@ -27,3 +29,13 @@ def make_tiny_model(
 ) -> Path:
     """Build the test model under ``tmp_path/tiny`` and return its directory."""
     return build_tiny_model(tmp_path / "tiny", texts if texts is not None else [HOUSEHOLD] * 4, config)
+
+
+def overfit(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> None:
+    """Fit the model to one token sequence (so greedy sampling reproduces it): deterministic."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
