@@ -10,11 +10,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, ViTConfig
 
+from retroact.agent.loop import LoopConfig, run_trials
+from retroact.envs import get_spec
 from retroact.models.base import Generation, GenRequest, Segment
 from retroact.models.base import SamplingParams as SP
 from retroact.models.checkpoint import MANIFEST, CheckpointManifest, save_manifest
 from retroact.models.hf import HFPolicy
 from retroact.models.logprobs import collate, token_logprobs
+from retroact.models.prefix_cache import CachedRow, PrefixCache
 from tests.tiny import HOUSEHOLD, make_tiny_model, overfit
 
 PROMPTS = ["> go to desk 1\n", "Your task is to: put a pen in drawer.\n> go to drawer 1\nThe", "> "]
@@ -257,3 +260,58 @@ def test_models_go_where_retroact_device_says(monkeypatch: pytest.MonkeyPatch) -
     assert default_device() == torch.device("meta")
     monkeypatch.delenv("RETROACT_DEVICE")
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prefilled(policy: HFPolicy) -> list[int]:
+    """Counts the input tokens (padding included) of every prefill forward, the one that reads a
+    request's context (token-by-token decoding forwards do not pass ``logits_to_keep``)."""
+    fed: list[int] = []
+    policy.models["planner"].register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(kw["input_ids"].numel()) if "logits_to_keep" in kw else None,
+        with_kwargs=True,
+    )
+    return fed
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_carried_kv_cache_gives_the_same_records_from_fewer_tokens(
+    model_dir: Path, temperature: float
+) -> None:
+    """Household episodes with the step-to-step key/value cache equal those re-reading every context."""
+    spec = get_spec("household")
+    tasks = spec.tasks("train", 6, 0)
+    config = LoopConfig(trials=2, max_steps=8, temperature=temperature, batch_size=4)
+    runs = {}
+    for budget in (0, 1 << 30):
+        policy = HFPolicy(
+            AutoModelForCausalLM.from_pretrained(model_dir),
+            AutoTokenizer.from_pretrained(model_dir),
+            prefix_cache_bytes=budget,
+        )
+        fed = _prefilled(policy)
+        runs[budget] = run_trials(spec, tasks, policy, policy, config).records, sum(fed)
+    (plain, plain_fed), (cached, cached_fed) = runs.values()
+    assert [r.output_ids for r in cached] == [r.output_ids for r in plain]
+    for a, b in zip(cached, plain, strict=True):
+        assert a.behaviour_logprobs is not None and b.behaviour_logprobs is not None
+        torch.testing.assert_close(torch.tensor(a.behaviour_logprobs), torch.tensor(b.behaviour_logprobs))
+    if temperature > 0:  # greedy, this model repeats its first action: trials end after two steps
+        assert cached_fed < plain_fed / 3
+
+
+def test_prefix_cache_takes_the_longest_proper_prefix_and_forgets_other_owners() -> None:
+    def row(ids: tuple[int, ...]) -> CachedRow:
+        return CachedRow(ids, [torch.zeros(1, len(ids), 2)], [torch.zeros(1, len(ids), 2)])
+
+    cache = PrefixCache(max_bytes=1 << 20)
+    assert cache.take("v0", [1, 2, 3]) is None
+    for ids in [(1,), (1, 2), (1, 2, 3), (4, 5)]:
+        cache.put(row(ids))
+    hit = cache.take("v0", [1, 2, 3])
+    assert hit is not None and hit.ids == (1, 2)  # (1, 2, 3) would leave nothing to feed
+    assert cache.take("v0", [1, 2, 3]) is not None and len(cache) == 2  # now (1,)
+    assert cache.take("v1", [4, 5, 6]) is None and len(cache) == 0  # new weights: old keys are useless
+    small = PrefixCache(max_bytes=row((1, 2)).nbytes * 2)
+    for ids in [(1, 2), (3, 4), (5, 6)]:
+        small.put(row(ids))
+    assert small.take(None, [1, 2, 9]) is None and small.take(None, [5, 6, 9]) is not None  # oldest evicted

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams
 from retroact.models.chat import PromptFormat, SegmentEncoder, TokenizerIO, drop_end_of_turn
 from retroact.models.checkpoint import MANIFEST, is_checkpoint, load_manifest
+from retroact.models.prefix_cache import CachedRow, PrefixCache, assemble, cacheable, extract
 
 ROLES: tuple[Role, ...] = ("planner", "reflector")
 
@@ -35,6 +36,7 @@ class HFPolicy(TokenizerIO):
     or a role -> model mapping (full fine-tuning; the shared ablation maps both roles to one
     object). RL trainers may update the adapters or models in place between calls.
     ``prompt_format`` None uses the format stored with the tokenizer (``raw`` if none is).
+    ``prefix_cache_bytes`` bounds the keys and values kept per role between calls (0: none).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class HFPolicy(TokenizerIO):
         version: int = 0,
         batch_size: int = 16,
         prompt_format: PromptFormat | None = None,
+        prefix_cache_bytes: int = 1 << 30,
     ) -> None:
         self.models: dict[Role, torch.nn.Module] = (
             {r: model[r] for r in ROLES} if isinstance(model, Mapping) else dict.fromkeys(ROLES, model)
@@ -61,6 +64,7 @@ class HFPolicy(TokenizerIO):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id: int = pad if pad is not None else 0
         self.batch_size = batch_size
+        self.prefix_cache = {role: PrefixCache(prefix_cache_bytes) for role in ROLES}
         self.info = PolicyInfo(name=name, version=version)
 
     @classmethod
@@ -85,7 +89,11 @@ class HFPolicy(TokenizerIO):
         )
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:
-        """Batched sampling per role; a request that cannot run gets an ``error`` generation."""
+        """Batched sampling per role; a request that cannot run gets an ``error`` generation.
+
+        A request that extends an earlier one (the same episode, one step later) reuses the
+        earlier keys and values (:mod:`retroact.models.prefix_cache`) and feeds only its new tokens.
+        """
         out: list[Generation | None] = [None] * len(requests)
         prompts: dict[int, list[int]] = {}
         for i, req in enumerate(requests):
@@ -95,19 +103,37 @@ class HFPolicy(TokenizerIO):
                 out[i] = _error(str(err))
         generator = torch.Generator().manual_seed(sampling.seed)
         for role in ROLES:
+            # by length (less padding), and not by what is cached: the samples must not depend on it
             todo = sorted((i for i in prompts if requests[i].role == role), key=lambda i: len(prompts[i]))
             if not todo:
                 continue
             with self._role_model(role) as model:
                 eos = _eos_ids(model, self.tokenizer)
+                cache = self.prefix_cache[role]
+                owner = (self.adapters.get(role), self.info.version, id(model))
+                past = {i: cache.take(owner, prompts[i]) for i in todo}
                 for start in range(0, len(todo), self.batch_size):
                     chunk = todo[start : start + self.batch_size]
-                    gens = _sample(
-                        model, [prompts[i] for i in chunk], sampling, generator, eos, self.pad_id, self.decode
+                    gens, rows = _sample(
+                        model,
+                        [prompts[i] for i in chunk],
+                        [past[i] for i in chunk],
+                        sampling,
+                        generator,
+                        eos,
+                        self.pad_id,
+                        self.decode,
                     )
+                    for row in rows:
+                        cache.put(row)
                     for i, gen in zip(chunk, gens, strict=True):
                         out[i] = drop_end_of_turn(gen, self.prompt_format, self.decode)
         return cast(list[Generation], out)
+
+    def clear_cache(self) -> None:
+        """Forget the carried key/value caches (they also reset by themselves when the version changes)."""
+        for cache in self.prefix_cache.values():
+            cache.clear()
 
     def _prompt(self, req: GenRequest, sampling: SamplingParams) -> list[int]:
         """The request's input ids, or a ValueError saying why it cannot run."""
@@ -150,30 +176,45 @@ class HFPolicy(TokenizerIO):
 def _sample(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
+    past: Sequence[CachedRow | None],
     sampling: SamplingParams,
     generator: torch.Generator,
     eos_ids: set[int],
     pad_id: int,
     decode: Callable[[Sequence[int]], str],
-) -> list[Generation]:
-    """Sample continuations of left-padded ``prompts`` with a KV cache, one forward per new token.
+) -> tuple[list[Generation], list[CachedRow]]:
+    """Sample continuations of ``prompts`` with a KV cache, one forward per new token.
 
-    Finished rows are dropped from the batch (and the cache) as soon as they stop.
+    A prompt with a cached prefix in ``past`` feeds only the rest. Finished rows are dropped from
+    the batch (and the cache) as soon as they stop; their cache rows (prompt and sampled tokens
+    but the last) are returned for the next call.
     """
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
+    cache, past_mask = assemble(past, device)
+    suffixes = [p[len(r.ids) :] if r is not None else p for p, r in zip(prompts, past, strict=True)]
+    width = max(len(s) for s in suffixes)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    new_mask = torch.zeros_like(ids)
+    for row, s in enumerate(suffixes):
+        ids[row, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        new_mask[row, width - len(s) :] = 1
+    ids = ids.to(device)
+    mask = torch.cat([past_mask, new_mask.to(device)], dim=-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
     next_pos = mask.sum(-1)
-    res = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    res = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    reuse = cacheable(res.past_key_values)
     new: list[list[int]] = [[] for _ in prompts]
     logps: list[list[float]] = [[] for _ in prompts]
     reasons: list[Literal["stop", "length", "eos"]] = ["length"] * len(prompts)
+    carried: list[CachedRow] = []
     rows = list(range(len(prompts)))  # batch slot -> original row
     for step in range(sampling.max_new_tokens):
         token, logp = _pick(res.logits[:, -1].float().cpu(), sampling, generator)  # the generator is on CPU
@@ -187,9 +228,17 @@ def _sample(
                 reasons[row] = "stop"
             else:
                 keep.append(slot)
-        if not keep or step == sampling.max_new_tokens - 1:
-            break
+        last = not keep or step == sampling.max_new_tokens - 1
         cache = res.past_key_values
+        if reuse:
+            kept = set() if last else set(keep)
+            carried += [
+                extract(cache, slot, mask[slot], [*prompts[row], *new[row][:-1]])
+                for slot, row in enumerate(rows)
+                if slot not in kept
+            ]
+        if last:
+            break
         if len(keep) < len(rows):
             index = torch.tensor(keep)
             token = token[index]
@@ -206,10 +255,11 @@ def _sample(
             use_cache=True,
         )
         next_pos = next_pos + 1
-    return [
+    gens = [
         Generation(text=decode(n), token_ids=n, logprobs=lp, finish_reason=r)
         for n, lp, r in zip(new, logps, reasons, strict=True)
     ]
+    return gens, carried
 
 
 def _pick(
