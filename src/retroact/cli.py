@@ -247,14 +247,16 @@ def il_cmd(
 ) -> None:
     """Stage 1: imitation learning of the planner and reflector adapters on collected expert data."""
     from retroact.config import load_config
+    from retroact.train.distributed import process_group
     from retroact.train.il import ILConfig, train_il
 
     cfg = load_config(config, ILConfig, shared=shared, finetune=finetune, epochs=epochs)
     summary = train_il(data, model, out, cfg)
-    console.print(
-        f"trained {', '.join(summary.units)} ({summary.finetune}): {summary.optimizer_steps} steps, "
-        f"{summary.tokens_per_s:.0f} tokens/s; checkpoint in {out}"
-    )
+    if process_group().is_main:  # under `accelerate launch`, one summary line, not one per process
+        console.print(
+            f"trained {', '.join(summary.units)} ({summary.finetune}): {summary.optimizer_steps} steps, "
+            f"{summary.tokens_per_s:.0f} tokens/s; checkpoint in {out}"
+        )
 
 
 @app.command("rl")
@@ -267,11 +269,13 @@ def rl_cmd(
 ) -> None:
     """Stage 2: off-policy joint policy gradient with the IL regulariser (checkpoint: RUN/latest/ckpt)."""
     from retroact.config import load_config
+    from retroact.train.distributed import process_group
     from retroact.train.rl import RLConfig, train_rl
 
     cfg = load_config(config, RLConfig, iterations=iterations)
     history = train_rl(init, data, out, cfg, console=console)
-    console.print(f"{len(history)} iteration(s) this call; checkpoint in {out / 'latest' / 'ckpt'}")
+    if process_group().is_main:
+        console.print(f"{len(history)} iteration(s) this call; checkpoint in {out / 'latest' / 'ckpt'}")
 
 
 data_app = typer.Typer(

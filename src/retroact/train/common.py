@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -285,11 +285,18 @@ class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per event, each with ``step``), plus TensorBoard.
 
     ``resume_step`` drops lines logged after the checkpoint being resumed (that work is redone)
-    and any torn last line; None starts a new file.
+    and any torn last line; None starts a new file. ``enabled=False`` (the ranks of a multi-process
+    run other than the main one) touches no file and logs nothing.
     """
 
-    def __init__(self, path: Path, *, resume_step: int | None, tensorboard: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, resume_step: int | None, tensorboard: bool = False, enabled: bool = True
+    ) -> None:
         self.path = path
+        self._file: TextIO | None = None
+        self._tb: Any = None
+        if not enabled:
+            return
         kept: list[str] = []
         if resume_step is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
@@ -307,6 +314,8 @@ class MetricsLog:
         self._tb = _tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
 
     def log(self, event: str, step: int, **fields: Any) -> None:
+        if self._file is None:
+            return
         entry = {"event": event, "step": step, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
@@ -317,7 +326,8 @@ class MetricsLog:
                     self._tb.add_scalar(f"{event}/{prefix}{key}", value, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

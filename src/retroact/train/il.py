@@ -9,6 +9,11 @@ its micro-batches, so gradient accumulation gives the same update as one large b
 Resumable: ``CKPT/train_state.pt`` (trained weights, optimizer, scheduler, RNG, counters) is
 replaced atomically at every save and the epoch plan is a pure function of the seed, so a run
 killed at any point and restarted on the same ``CKPT`` ends with the same weights.
+
+Under ``accelerate launch`` every process follows the same plan and trains on its share of each
+step's examples (:meth:`ProcessGroup.share_batches`), with the loss divided by the step's target
+tokens on all ranks and the gradients summed (:mod:`retroact.train.distributed`): the update is the
+one-process update of the same step. Only the main process writes ``CKPT``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from retroact.train.common import (
     set_num_threads,
     write_checkpoint,
 )
+from retroact.train.distributed import SINGLE, ProcessGroup, process_group
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +229,10 @@ def train_il(
 
     If ``out_ckpt`` holds the training state of an unfinished run with the same settings, model and
     data, training resumes from its last save; a finished run is re-exported and returned as is.
+    Under ``accelerate launch`` every process calls this, and each returns once ``out_ckpt`` is written.
     """
     cfg = config or ILConfig()
+    group = process_group()  # first: under several GPUs it picks this rank's GPU before the model loads
     out = Path(out_ckpt)
     state_file = out / STATE_FILE
     resuming = state_file.is_file()
@@ -245,6 +253,7 @@ def train_il(
 
     torch.manual_seed(cfg.seed)
     trainable = Trainable.from_base(base, cfg.finetune, units, cfg.lora)
+    group.broadcast_parameters(trainable.all_parameters())
     params = trainable.all_parameters()
     optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -277,6 +286,8 @@ def train_il(
 
     def save() -> None:
         nonlocal save_seconds
+        if not group.is_main:
+            return
         t0 = time.perf_counter()
         save_state(
             state_file,
@@ -292,28 +303,39 @@ def train_il(
         write_checkpoint(out, trainable, tokenizer, manifest)
         save_seconds += time.perf_counter() - t0
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / METRICS_FILE, resume_step=resumed_from, tensorboard=cfg.tensorboard)
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(
+        out / METRICS_FILE, resume_step=resumed_from, tensorboard=cfg.tensorboard, enabled=group.is_main
+    )
     pad_id = _pad_id(tokenizer)
     finished_before = c.done
-    if finished_before:
+    if finished_before and group.is_main:
         write_checkpoint(out, trainable, tokenizer, manifest)  # a kill may have cut the last export short
     tokens_seen = 0
     started = time.perf_counter()
     try:
         if resumed_from is None:
             metrics.log("start", 0, total_steps=total_steps, data={r: d.summary() for r, d in data.items()})
-        with _progress_bar(progress) as bar:
+        with _progress_bar(progress and group.is_main) as bar:
             task = bar.add_task("IL", total=total_steps, completed=c.global_step, loss=math.nan, tps=0.0)
             for epoch in range(c.epoch, len(plan)):
                 steps = plan[epoch]
                 for k in range(c.step_in_epoch, len(steps)):
                     unit, batches = steps[k]
-                    micro = [collate_examples([examples[unit][i] for i in b], pad_id) for b in batches]
-                    nll, grad_norm = _train_step(trainable, unit, micro, optimizer, cfg.grad_clip)
+                    step_examples = [examples[unit][i] for b in batches for i in b]
+                    n_target = sum(e.n_target for e in step_examples)
+                    micro = [
+                        collate_examples([examples[unit][i] for i in b], pad_id)
+                        for b in group.share_batches(batches)
+                    ]
+                    if group.world_size > 1:  # per-step seeds: resumable without every rank's RNG state
+                        torch.manual_seed(group.rank_seed(cfg.seed * 1_000_003 + c.global_step))
+                    nll, grad_norm = _train_step(
+                        trainable, unit, micro, optimizer, cfg.grad_clip, n_target=n_target, group=group
+                    )
                     scheduler.step()
-                    n_target = sum(b.n_target for b in micro)
-                    tokens_seen += sum(b.n_tokens for b in micro)
+                    tokens_seen += sum(e.n_tokens for e in step_examples)
                     c.global_step += 1
                     c.step_in_epoch = k + 1
                     tps = tokens_seen / max(time.perf_counter() - started - save_seconds, 1e-9)
@@ -379,6 +401,7 @@ def train_il(
             metrics.log("done", c.global_step, summary=asdict(summary))
     finally:
         metrics.close()
+    group.barrier()  # no rank returns (and, say, starts RL from CKPT) before the main one has written it
     return summary
 
 
@@ -388,20 +411,33 @@ def _train_step(
     micro: list[ILBatch],
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None,
+    *,
+    n_target: int | None = None,
+    group: ProcessGroup = SINGLE,
 ) -> tuple[float, float | None]:
-    """One optimizer step on ``unit``: (NLL sum over target tokens, grad norm or None if skipped)."""
+    """One optimizer step on ``unit``: (NLL sum over target tokens, grad norm or None if skipped).
+
+    Under several processes ``micro`` is this rank's share of the step (maybe none), ``n_target``
+    the step's target tokens on all ranks (default: those of ``micro``), and the result the step's.
+    """
     model = trainable.model(unit)
-    n_target = sum(b.n_target for b in micro)
+    n_target = n_target or sum(b.n_target for b in micro)
     total = 0.0
+    finite = True
     for b in micro:
         logp, _ = token_logprobs(model, b.tokens)
         nll = -(logp * b.loss_mask).sum()
         if not torch.isfinite(nll):
-            optimizer.zero_grad(set_to_none=True)
-            return math.nan, None
+            finite = False
+            break
         (nll / n_target).backward()
         total += nll.item()
-    return total, clip_and_step(trainable.parameters(unit), optimizer, grad_clip)
+    params = trainable.parameters(unit)
+    total, non_finite = group.sum_gradients(params, [total, float(not finite)])
+    if non_finite:
+        optimizer.zero_grad(set_to_none=True)
+        return math.nan, None
+    return total, clip_and_step(params, optimizer, grad_clip)
 
 
 def _check_same_run(state_file: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -10,6 +10,12 @@ Layout of a run directory::
 A kill during a rollout leaves no buffer file for that iteration (it is rolled out again); a
 kill during an update leaves the buffer file, which the resumed run reuses as it is. Either way
 the buffer holds each iteration's records exactly once.
+
+Under ``accelerate launch`` only the main process rolls out (with its configured backend: Ray
+workers spread that work), evaluates and writes ``RUN``; it broadcasts each iteration's records, so
+every rank builds the same samples and batches, and the update runs data-parallel: each rank takes
+its share of every batch, with the loss terms scaled by the whole batch's normalisers and the
+gradients summed (:mod:`retroact.train.distributed`), which is the one-process update.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from retroact.train.common import (
     set_num_threads,
     write_checkpoint,
 )
+from retroact.train.distributed import SINGLE, ProcessGroup, process_group
 from retroact.train.jpg import Normalisation, Objective, il_loss, joint_loss, rl_loss
 from retroact.train.rewards import RewardConfig, RLSample, build_samples
 
@@ -123,8 +130,12 @@ def train_rl(
     *,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) RL from an IL checkpoint; returns the per-iteration metrics."""
+    """Run (or resume) RL from an IL checkpoint; returns the per-iteration metrics.
+
+    Under ``accelerate launch`` every process calls this and gets the same metrics (the main
+    process's rollout and eval figures)."""
     cfg = config or RLConfig()
+    group = process_group()  # first: under several GPUs it picks this rank's GPU before the model loads
     run = Path(out)
     console = console or Console()
     set_num_threads(cfg.num_threads)
@@ -135,6 +146,7 @@ def train_rl(
     done = int(state.get("iteration", 0))
     ckpt = latest / "ckpt" if latest else Path(init_ckpt)
     trainable, manifest = Trainable.from_checkpoint(ckpt)
+    group.broadcast_parameters(trainable.all_parameters())
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     units = dict.fromkeys(manifest.roles.values())
     roles_to_train = [r for r in ROLES if cfg.optimise in ("both", r) and r in manifest.roles]
@@ -161,13 +173,18 @@ def train_rl(
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     buffer_dir = run / "buffer"
-    buffer_dir.mkdir(parents=True, exist_ok=True)
-    for stale in sorted(buffer_dir.glob("iter_*.jsonl")):  # iterations a kill left unfinished
-        if int(stale.stem.split("_")[1]) > done:
-            stale.unlink()
-    rollouts = Rollouts(cfg.rollout, ckpt)  # replicas start from the checkpoint the driver loaded
+    if group.is_main:
+        buffer_dir.mkdir(parents=True, exist_ok=True)
+        for stale in sorted(buffer_dir.glob("iter_*.jsonl")):  # iterations a kill left unfinished
+            if int(stale.stem.split("_")[1]) > done:
+                stale.unlink()
+    # Replicas start from the checkpoint the driver loaded; the other ranks never roll out.
+    rollouts = Rollouts(cfg.rollout, ckpt) if group.is_main else None
     metrics_log = MetricsLog(
-        run / "metrics.jsonl", resume_step=done if latest else None, tensorboard=cfg.tensorboard
+        run / "metrics.jsonl",
+        resume_step=done if latest else None,
+        tensorboard=cfg.tensorboard,
+        enabled=group.is_main,
     )
     train_tasks = list_tasks(cfg.env, "train", None, cfg.seed)
     history: list[dict[str, Any]] = []
@@ -177,7 +194,9 @@ def train_rl(
             t0 = time.perf_counter()
             policy.info.version = it
             buffer_file = buffer_dir / f"iter_{it:04d}.jsonl"
-            if buffer_file.exists():  # rolled out before a kill during the update
+            if rollouts is None:
+                records = []  # the main process's arrive below
+            elif buffer_file.exists():  # rolled out before a kill during the update
                 records = read_records(buffer_file)
             else:
                 tasks = [
@@ -194,6 +213,7 @@ def train_rl(
                 )
                 records = rollouts.run(cfg.env, _unique(tasks), policy, loop_cfg).records
                 write_records(buffer_file, records)
+            records = group.broadcast_object(records)
             loaded[it] = records
             t_rollout = time.perf_counter() - t0
             buffer = _buffer(buffer_dir, it, cfg, loaded)
@@ -208,6 +228,7 @@ def train_rl(
                 cfg,
                 pad_id,
                 seed=cfg.seed * 1_000_003 + it,
+                group=group,
             )
             policy.info.version = it + 1
             row: dict[str, Any] = {
@@ -220,7 +241,7 @@ def train_rl(
                 **update,
                 "rollout_seconds": round(t_rollout, 2),
             }
-            if cfg.eval_tasks:
+            if cfg.eval_tasks and group.is_main:
                 ev = evaluate(
                     cfg.env,
                     policy,
@@ -239,11 +260,15 @@ def train_rl(
             row["seconds"] = round(time.perf_counter() - t0, 2)
             # Logged before the checkpoint swap: a kill in between leaves a line that resume drops.
             metrics_log.log("iteration", it + 1, **row)
-            _save_iteration(run, trainable, tokenizer, manifest, optimizer, cfg, it + 1)
+            if group.is_main:
+                _save_iteration(run, trainable, tokenizer, manifest, optimizer, cfg, it + 1)
+            row = group.broadcast_object(row)  # also holds the other ranks until RUN/latest is written
             history.append(row)
-            console.print(_progress_line(row, cfg.iterations))
+            if group.is_main:
+                console.print(_progress_line(row, cfg.iterations))
     finally:
-        rollouts.close()
+        if rollouts is not None:
+            rollouts.close()
         metrics_log.close()
     return history
 
@@ -317,10 +342,15 @@ def _update(
     pad_id: int,
     *,
     seed: int,
+    group: ProcessGroup = SINGLE,
 ) -> dict[str, Any]:
-    """``cfg.epochs`` passes of L = L_RL + λ·L_IL over each trained unit's samples."""
+    """``cfg.epochs`` passes of L = L_RL + λ·L_IL over each trained unit's samples.
+
+    Every rank draws the same batches; under several processes each computes its share of a batch
+    (:meth:`ProcessGroup.share`) with each term rescaled from its share's normaliser to the whole
+    batch's, so the summed gradients and figures are those of the whole batch."""
     rng = random.Random(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(group.rank_seed(seed))
     sums: Counter[str] = Counter()
     steps = skipped = 0
     for unit in dict.fromkeys(role_units[r] for r in roles):
@@ -340,45 +370,67 @@ def _update(
                 rng=rng,
             ):
                 batch = [mine[i] for i in batch_idx]
-                tokens = collate([s.prompt_ids for s in batch], [s.output_ids for s in batch], pad_id)
-                mask = _pad([s.loss_mask for s in batch], tokens.targets.shape[1])
-                behaviour = _pad([s.behaviour_logprobs for s in batch], tokens.targets.shape[1])
-                logp, entropy = token_logprobs(model, tokens, with_entropy=True)
-                terms = rl_loss(
-                    logp,
-                    behaviour,
-                    mask,
-                    torch.tensor([s.reward for s in batch]),
-                    epsilon=cfg.epsilon,
-                    objective=cfg.objective,
-                    normalisation=cfg.normalisation,
-                )
-                l_il = None
+                il_batch = []
                 if il_pool and cfg.lam > 0:
-                    il_batch = collate_examples(
-                        rng.sample(il_pool, min(cfg.il_batch_size, len(il_pool))), pad_id
+                    il_batch = rng.sample(il_pool, min(cfg.il_batch_size, len(il_pool)))
+                targets = [sum(s.loss_mask) for s in batch]
+                n_tok = float(sum(targets))
+                l_rl, l_il = torch.zeros(()), None
+                ratio = clipped = entropy_sum = 0.0
+                if part := group.share(batch):
+                    tokens = collate([s.prompt_ids for s in part], [s.output_ids for s in part], pad_id)
+                    mask = _pad([s.loss_mask for s in part], tokens.targets.shape[1])
+                    behaviour = _pad([s.behaviour_logprobs for s in part], tokens.targets.shape[1])
+                    logp, entropy = token_logprobs(model, tokens, with_entropy=True)
+                    terms = rl_loss(
+                        logp,
+                        behaviour,
+                        mask,
+                        torch.tensor([s.reward for s in part]),
+                        epsilon=cfg.epsilon,
+                        objective=cfg.objective,
+                        normalisation=cfg.normalisation,
                     )
-                    il_logp, _ = token_logprobs(model, il_batch.tokens)
-                    l_il = il_loss(il_logp, il_batch.loss_mask, cfg.normalisation)
-                loss = joint_loss(terms.loss, l_il, cfg.lam)
+                    l_rl = terms.loss * _share_of(group.share(targets), targets, cfg.normalisation)
+                    token_share = float(mask.sum()) / n_tok if n_tok else 1.0
+                    ratio, clipped = terms.mean_ratio * token_share, terms.clipped_fraction * token_share
+                    if entropy is not None:
+                        entropy_sum = (entropy.detach() * mask).sum().item()
+                if il_part := group.share(il_batch):
+                    il_tokens = collate_examples(il_part, pad_id)
+                    il_logp, _ = token_logprobs(model, il_tokens.tokens)
+                    l_il = il_loss(il_logp, il_tokens.loss_mask, cfg.normalisation) * _share_of(
+                        [e.n_target for e in il_part], [e.n_target for e in il_batch], cfg.normalisation
+                    )
+                loss = joint_loss(l_rl, l_il, cfg.lam)
+                finite = bool(torch.isfinite(loss))
+                if finite and loss.requires_grad:
+                    loss.backward()
                 steps += 1
-                if not torch.isfinite(loss):
+                loss_rl, loss_il, ratio, clipped, entropy_sum, non_finite = group.sum_gradients(
+                    params,
+                    [
+                        l_rl.item(),
+                        l_il.item() if l_il is not None else 0.0,
+                        ratio,
+                        clipped,
+                        entropy_sum,
+                        float(not finite),
+                    ],
+                )
+                if non_finite:
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     log.warning("RL step %d (%s): loss not finite; step skipped", steps, unit)
                     continue
-                loss.backward()
                 if clip_and_step(params, optimizer, cfg.grad_clip) is None:
                     skipped += 1
                     continue
-                n_tok = float(mask.sum())
-                sums["loss_rl"] += terms.loss.item()
-                sums["loss_il"] += l_il.item() if l_il is not None else 0.0
-                sums["ratio"] += terms.mean_ratio
-                sums["clipped"] += terms.clipped_fraction
-                sums["entropy"] += (
-                    (entropy.detach() * mask).sum().item() / max(n_tok, 1.0) if entropy is not None else 0.0
-                )
+                sums["loss_rl"] += loss_rl
+                sums["loss_il"] += loss_il
+                sums["ratio"] += ratio
+                sums["clipped"] += clipped
+                sums["entropy"] += entropy_sum / max(n_tok, 1.0)
     done = max(steps - skipped, 1)
     return {
         "optimizer_steps": steps - skipped,
@@ -389,6 +441,16 @@ def _update(
         "clipped_fraction": sums["clipped"] / done,
         "entropy": sums["entropy"] / done,
     }
+
+
+def _share_of(part: Sequence[int], whole: Sequence[int], how: Normalisation) -> float:
+    """The factor that turns a loss term over a share of a batch into that share's contribution to
+    the term over the whole batch: the ratio of :func:`~retroact.train.jpg.masked_mean`'s
+    normalisers (samples for ``sequence``, target tokens for ``token``). ``part`` and ``whole``
+    give each sample's target tokens; the factor is exactly 1 for the whole batch."""
+    if how == "sequence":
+        return len(part) / len(whole)
+    return max(sum(part), 1) / max(sum(whole), 1)
 
 
 def _pad(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:

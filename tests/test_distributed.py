@@ -1,0 +1,171 @@
+"""Training on two gloo CPU processes (`accelerate launch`) gives the one-process result.
+
+One launch runs `retroact il` then `retroact rl` through the CLI with the shipped
+configs/accelerate/cpu-2proc.yaml; the references run here in one process with the same global
+batches. LoRA dropout is 0 because dropout masks are drawn per process (equal in distribution,
+not bit for bit); everything else must agree up to float summation order (atol 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from retroact.agent.loop import LoopConfig
+from retroact.agent.records import read_records, write_records
+from retroact.data.collect import collect
+from retroact.envs import get_spec
+from retroact.train.distributed import SINGLE, DistributedError, ProcessGroup, process_group
+from retroact.train.il import ILConfig, train_il
+from retroact.train.rl import RLConfig, train_rl
+from tests.test_rl import RL_BASE
+from tests.tiny import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+ATOL = 1e-5
+# Steps of two micro-batches that each rank splits, and an RL update with an IL term.
+IL = {
+    "epochs": 2,
+    "lr": 3e-3,
+    "batch_size": 3,
+    "grad_accum": 2,
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "num_threads": 1,
+}
+RL = {**RL_BASE, "iterations": 1, "batch_size": 3, "il_batch_size": 3, "lr": 3e-3, "num_threads": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adapters(ckpt: Path) -> dict[str, torch.Tensor]:
+    return {
+        f"{unit}/{k}": v
+        for unit in ("planner", "reflector")
+        for k, v in load_file(ckpt / unit / "adapter_model.safetensors").items()
+    }
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_share_batches_splits_each_step_once_and_keeps_micro_batches() -> None:
+    batches = [[1, 2, 3], [4, 5], [6]]
+    shares = [ProcessGroup(r, 4).share_batches(batches) for r in range(4)]
+    assert shares == [[[1]], [[2, 3]], [[4]], [[5], [6]]]
+    assert ProcessGroup(1, 4).share([7]) == [] and SINGLE.share_batches(batches) == batches
+    assert SINGLE.rank_seed(5) == 5 != ProcessGroup(1, 2).rank_seed(5)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("ACCELERATE_USE_FSDP", "true", "asks for FSDP"),
+        ("ACCELERATE_MIXED_PRECISION", "bf16", "run in float32"),
+    ],
+)
+def test_launch_modes_the_trainers_do_not_honour_are_refused(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(var, value)
+    process_group.cache_clear()
+    try:
+        with pytest.raises(DistributedError, match=message):
+            process_group()
+    finally:
+        process_group.cache_clear()
+
+
+def _launch(tmp_path: Path, *args: object) -> None:
+    """``retroact ARGS`` on two gloo CPU processes, at low priority (other jobs share the cores)."""
+    cmd = [
+        "nice", "-n", "15", sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
+        "--main_process_port", str(_free_port()), "-m", "retroact.cli", *map(str, args),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path)
+    planner, reflector = get_spec("household").experts()
+    data = tmp_path / "data"
+    collect("household", planner, reflector, data, n_tasks=8, config=LoopConfig(trials=2))
+    il_cfg, rl_cfg = tmp_path / "il.yaml", tmp_path / "rl.yaml"
+    il_cfg.write_text(yaml.safe_dump(IL))
+    rl_cfg.write_text(yaml.safe_dump(RL))
+
+    train_il(data, model, tmp_path / "il-1", ILConfig.model_validate(IL), progress=False)
+    _launch(tmp_path, "il", "--data", data, "--model", model, "--out", tmp_path / "il-2", "--config", il_cfg)
+
+    one, two = _adapters(tmp_path / "il-1"), _adapters(tmp_path / "il-2")
+    assert one.keys() == two.keys() and len(one) == 16
+    assert all(torch.allclose(one[k], two[k], atol=ATOL) for k in one)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in two.items() if "lora_B" in k)
+    # One writer: the same files, and every metrics line once.
+    assert _files(tmp_path / "il-1") == _files(tmp_path / "il-2")
+    il_1, il_2 = _lines(tmp_path / "il-1" / "metrics.jsonl"), _lines(tmp_path / "il-2" / "metrics.jsonl")
+    assert [(m["event"], m["step"]) for m in il_1] == [(m["event"], m["step"]) for m in il_2]
+    for a, b in zip(il_1, il_2, strict=True):
+        if a["event"] == "train":
+            assert a["target_tokens"] == b["target_tokens"]
+            assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), abs=ATOL)
+
+    # One rollout; its buffer, with non-zero rewards so that L_RL counts, feeds both updates
+    # (a buffer file without a checkpoint is what a kill during the update leaves: it is reused).
+    train_rl(tmp_path / "il-1", data, tmp_path / "rollout", RLConfig.model_validate(RL))
+    records = [
+        r.model_copy(update={"reward": (i % 3) / 2, "next_reward": None if r.role == "planner" else i % 2})
+        for i, r in enumerate(read_records(tmp_path / "rollout" / "buffer" / "iter_0000.jsonl"))
+    ]
+    run_1, run_2 = tmp_path / "rl-1", tmp_path / "rl-2"
+    for run in (run_1, run_2):
+        write_records(run / "buffer" / "iter_0000.jsonl", records)
+    history = train_rl(tmp_path / "il-1", data, run_1, RLConfig.model_validate(RL))
+    _launch(tmp_path, "rl", "--init", tmp_path / "il-1", "--data", data, "--out", run_2, "--config", rl_cfg)
+
+    one, two = _adapters(run_1 / "latest" / "ckpt"), _adapters(run_2 / "latest" / "ckpt")
+    assert all(torch.allclose(one[k], two[k], atol=ATOL) for k in one)
+    assert not all(torch.allclose(one[k], v) for k, v in _adapters(tmp_path / "il-1").items())
+    assert _files(run_1) == _files(run_2)
+    assert read_records(run_2 / "buffer" / "iter_0000.jsonl") == records
+    (want,), (got,) = history, _lines(run_2 / "metrics.jsonl")
+    assert want["samples"] == got["samples"] and want["optimizer_steps"] == got["optimizer_steps"] > 0
+    assert want["loss_rl"] != 0
+    for key in ("loss_rl", "loss_il", "mean_ratio", "clipped_fraction", "entropy"):
+        assert got[key] == pytest.approx(want[key], abs=ATOL), key
