@@ -32,7 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 from retroact.data.il_dataset import ILExample, load_role_data
-from retroact.train.common import LoraSettings, load_model, load_tokenizer, set_num_threads
+from retroact.models.hf import load_tokenizer
+from retroact.train.common import LoraSettings, load_model, set_num_threads
 from retroact.train.il import ILConfig, train_il
 
 

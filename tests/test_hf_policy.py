@@ -15,7 +15,7 @@ from retroact.envs import get_spec
 from retroact.models.base import Generation, GenRequest, Segment
 from retroact.models.base import SamplingParams as SP
 from retroact.models.checkpoint import MANIFEST, CheckpointManifest, save_manifest
-from retroact.models.hf import HFPolicy
+from retroact.models.hf import HFPolicy, ModelPathError
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.models.prefix_cache import CachedRow, PrefixCache
 from tests.tiny import HOUSEHOLD, make_tiny_model, overfit
@@ -227,10 +227,12 @@ def test_full_models_per_role(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_load_errors(model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no such model directory"):
+    with pytest.raises(ModelPathError, match="missing: model directory not found"):
         HFPolicy.load(tmp_path / "missing")
+    with pytest.raises(ModelPathError, match="no-org/no-model: no such directory, nor a hub model"):
+        HFPolicy.load("no-org/no-model")  # offline in tests: the hub is not asked
     ViTConfig().save_pretrained(tmp_path / "vit")
-    with pytest.raises(ValueError, match="vit: cannot load a causal language model"):
+    with pytest.raises(ModelPathError, match="vit: not a causal language model"):
         HFPolicy.load(tmp_path / "vit")
 
     (tmp_path / MANIFEST).write_text(

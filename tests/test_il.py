@@ -21,13 +21,11 @@ from retroact.agent.records import RecordFileError
 from retroact.config import ConfigError, load_config
 from retroact.data.il_dataset import ILDataError, collate_examples, encode_prompt, load_role_data
 from retroact.models.checkpoint import load_manifest
-from retroact.models.hf import HFPolicy
+from retroact.models.hf import HFPolicy, ModelPathError, load_tokenizer
 from retroact.train import il
 from retroact.train.common import (
-    ModelPathError,
     Trainable,
     load_model,
-    load_tokenizer,
     make_optimizer,
 )
 from retroact.train.il import ILConfig, ILError, train_il

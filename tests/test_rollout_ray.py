@@ -26,8 +26,8 @@ from retroact.agent.rollout import (
 from retroact.envs import list_tasks
 from retroact.models.base import GenRequest, SamplingParams, Segment
 from retroact.models.checkpoint import CheckpointManifest
-from retroact.models.hf import HFPolicy
-from retroact.train.common import LoraSettings, Trainable, load_model, load_tokenizer, write_checkpoint
+from retroact.models.hf import HFPolicy, load_tokenizer
+from retroact.train.common import LoraSettings, Trainable, load_model, write_checkpoint
 from tests.tiny import make_tiny_model
 
 TASKS = list_tasks("household", "train", 4, 0)

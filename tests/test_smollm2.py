@@ -26,7 +26,7 @@ from retroact.envs import get_spec, list_tasks
 from retroact.models import pretrained
 from retroact.models.base import GenRequest, SamplingParams, Segment
 from retroact.models.checkpoint import load_manifest
-from retroact.models.hf import HFPolicy
+from retroact.models.hf import HFPolicy, ModelPathError
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.train.il import ILConfig, train_il
 from retroact.train.rl import RLConfig, train_rl
@@ -57,7 +57,7 @@ def test_init_model_from_a_model_directory(tmp_path: Path) -> None:
     res = runner.invoke(app, ["init-model", str(tmp_path / "notes"), "--from", str(source)])
     assert isinstance(res.exception, ValueError) and (tmp_path / "notes" / "a.txt").is_file()
     res = runner.invoke(app, ["init-model", str(tmp_path / "x"), "--from", str(tmp_path / "none")])
-    assert isinstance(res.exception, FileNotFoundError) and "no such model directory" in str(res.exception)
+    assert isinstance(res.exception, ModelPathError) and "model directory not found" in str(res.exception)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from retroact.agent.rollout import RolloutConfig, Rollouts, export_state
 from retroact.envs import list_tasks
 from retroact.models.base import Generation, GenRequest, SamplingParams, Segment
 from retroact.models.checkpoint import CheckpointManifest
-from retroact.models.hf import HFPolicy, load_causal_lm
+from retroact.models.hf import HFPolicy, load_causal_lm, load_tokenizer
 from retroact.models.vllm_policy import (
     AdapterError,
     EngineRequest,
@@ -29,7 +29,7 @@ from retroact.models.vllm_policy import (
     VLLMPolicy,
     VLLMSettings,
 )
-from retroact.train.common import LoraSettings, Trainable, load_model, load_tokenizer, write_checkpoint
+from retroact.train.common import LoraSettings, Trainable, load_model, write_checkpoint
 from tests.tiny import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8, stop=())

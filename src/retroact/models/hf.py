@@ -82,7 +82,7 @@ class HFPolicy(TokenizerIO):
         model = load_causal_lm(source)
         return cls(
             model,
-            _load_tokenizer(source),
+            load_tokenizer(source),
             name=Path(source).name,
             batch_size=batch_size,
             prompt_format=prompt_format,
@@ -306,25 +306,43 @@ def default_device() -> torch.device:
     return torch.device(os.environ.get("RETROACT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_causal_lm(source: str | Path) -> PreTrainedModel:
-    """``AutoModelForCausalLM`` from a directory or hub name on :func:`default_device`, with errors
-    that say what is wrong."""
+class ModelPathError(ValueError):
+    """A model path or hub name that does not give a causal language model (the message says why)."""
+
+
+def load_causal_lm(source: str | Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """``AutoModelForCausalLM`` from a local directory or a hub name on :func:`default_device`, in
+    ``dtype`` (None: the checkpoint's own), with errors that say what is wrong."""
     local = Path(source).expanduser()
-    if not local.exists() and (local.is_absolute() or str(source).startswith((".", "~"))):
-        raise FileNotFoundError(f"{source}: no such model directory")
+    if local.exists():
+        if is_checkpoint(local):
+            raise ModelPathError(
+                f"{source} is a RetroAct checkpoint, not a base model; pass its base model "
+                f"({load_manifest(local).base_model})"
+            )
+        if not (local / "config.json").is_file():
+            raise ModelPathError(f"{source}: not a Hugging Face model directory (no config.json)")
+    elif local.is_absolute() or str(source).startswith((".", "~")):
+        raise ModelPathError(f"{source}: model directory not found")
     try:
-        model = AutoModelForCausalLM.from_pretrained(local if local.exists() else str(source))
-        return model.to(default_device())
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{source}: cannot load a causal language model: {first}") from err
+        model = AutoModelForCausalLM.from_pretrained(local if local.exists() else str(source), dtype=dtype)
+    except ValueError as err:
+        raise ModelPathError(f"{source}: not a causal language model: {_first_line(err)}") from None
+    except OSError as err:
+        where = "cannot load model weights" if local.exists() else "no such directory, nor a hub model"
+        raise ModelPathError(f"{source}: {where}: {_first_line(err)}") from None
+    return model.to(default_device())
 
 
-def _load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{source}: cannot load a tokenizer: {err}") from err
+        raise ModelPathError(f"{source}: cannot load the tokenizer: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _load_checkpoint(
@@ -344,7 +362,7 @@ def _load_checkpoint(
             raise FileNotFoundError(f"{where}: roles.{role}: directory {path / sub} does not exist")
     base = path / manifest.base_model  # a relative base is looked up beside the checkpoint first
     base_src = base if base.exists() else manifest.base_model
-    tokenizer = _load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else base_src)
+    tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else base_src)
     dirs = {role: manifest.roles[role] for role in ROLES}
     if manifest.finetune == "full":
         by_dir = {sub: load_causal_lm(path / sub) for sub in set(dirs.values())}

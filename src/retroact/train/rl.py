@@ -43,14 +43,13 @@ from retroact.envs import list_tasks
 from retroact.eval.evaluate import evaluate
 from retroact.models.base import Role
 from retroact.models.checkpoint import replace_dir
-from retroact.models.hf import HFPolicy
+from retroact.models.hf import HFPolicy, load_tokenizer
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.train.common import (
     MetricsLog,
     Trainable,
     clip_and_step,
     load_state,
-    load_tokenizer,
     make_optimizer,
     save_state,
     set_num_threads,
