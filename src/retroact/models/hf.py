@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Literal, cast
 
@@ -364,17 +365,17 @@ def _load_checkpoint(
     base_src = base if base.exists() else manifest.base_model
     tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else base_src)
     dirs = {role: manifest.roles[role] for role in ROLES}
+    policy = partial(
+        HFPolicy,
+        tokenizer=tokenizer,
+        name=path.name,
+        version=manifest.version,
+        batch_size=batch_size,
+        prompt_format=prompt_format,
+    )
     if manifest.finetune == "full":
         by_dir = {sub: load_causal_lm(path / sub) for sub in set(dirs.values())}
-        models = {role: by_dir[sub] for role, sub in dirs.items()}
-        return HFPolicy(
-            models,
-            tokenizer,
-            name=path.name,
-            version=manifest.version,
-            batch_size=batch_size,
-            prompt_format=prompt_format,
-        )
+        return policy({role: by_dir[sub] for role, sub in dirs.items()})
     names = {role: "shared" if list(dirs.values()).count(sub) > 1 else role for role, sub in dirs.items()}
     model: torch.nn.Module = load_causal_lm(base_src)
     for adapter, sub in {names[role]: dirs[role] for role in ROLES}.items():
@@ -387,12 +388,4 @@ def _load_checkpoint(
                 )
         except (OSError, ValueError) as err:
             raise ValueError(f"{where}: {path / sub}: cannot load the LoRA adapter: {err}") from err
-    return HFPolicy(
-        model,
-        tokenizer,
-        names,
-        name=path.name,
-        version=manifest.version,
-        batch_size=batch_size,
-        prompt_format=prompt_format,
-    )
+    return policy(model, adapters=names)
