@@ -93,6 +93,39 @@ def test_behaviour_logprobs_equal_teacher_forced_recompute(policy: HFPolicy, tem
         assert policy.decode(gen.token_ids or []) == gen.text
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_head_only_logprobs_equal_the_full_forward(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, lora: bool
+) -> None:
+    """Logits at target tokens only (backbone + LM head) give the full forward's log-probs,
+    entropies and gradients, with and without a LoRA adapter."""
+    from retroact.models import logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if lora:
+        model = get_peft_model(model, LORA)
+    assert logprobs._backbone_and_head(model) is not None
+    batch = collate([[1, 5, 9, 12], [1, 7]], [[3, 4, 8], [6, 2, 2, 9, 11]], pad_id=0)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logp, entropy = logprobs.token_logprobs(model, batch, temperature=0.7, with_entropy=True)
+        assert entropy is not None
+        (logp.sum() + entropy.sum()).backward()
+        return logp, entropy, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    head_only = run()
+    monkeypatch.setattr(logprobs, "_backbone_and_head", lambda model: None)
+    full = run()
+    assert (head_only[0] != 0).sum() == batch.target_mask.sum()
+    torch.testing.assert_close(head_only[0], full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_only[1], full[1], atol=1e-5, rtol=1e-5)
+    assert len(head_only[2]) == len(full[2]) > 0
+    for a, b in zip(head_only[2], full[2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_sampling_is_seeded(policy: HFPolicy) -> None:
     def ids(seed: int) -> list[list[int] | None]:
         return [

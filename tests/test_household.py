@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from retroact.agent.loop import LoopConfig, run_trials
 from retroact.envs import get_spec, list_tasks
 from retroact.envs.alfworld_text import (
     LAMP,
+    LIKELY_PLACES,
     TASK_KINDS,
     TOOLS,
     Goal,
@@ -364,7 +366,32 @@ def test_expert_reflection_names_places_and_the_planner_follows_it() -> None:
                      if r.task_id == rec.task_id and r.role == "planner" and r.trial == 1)
         assert text.strip() in retry.info["memory"]
         lines = [s.text.strip() for s in retry.segments if s.kind == "model"]
-        assert lines[0].endswith(f"First I will check {start}.") and lines[1] == f"go to {start}"
+        assert f"I will check {start}, " in lines[0] or lines[0].endswith(f"I will go to {start}.")
+        assert lines[1] == f"go to {start}"
+
+
+def test_expert_plan_names_every_place_once_and_the_search_follows_it() -> None:
+    planner, _ = SPEC.experts()
+    result = run_trials("household", tasks("train", 60, 0), planner, None, LoopConfig(trials=1))
+    for rec in result.records:
+        lines = [s.text.strip() for s in rec.segments if s.kind == "model"]
+        goal = parse_goal(rec.prompt)
+        assert goal is not None
+        head, listed = lines[0].split(" I will check ")
+        plan_places = re.split(r", | and ", listed.removesuffix(", in this order."))
+        room = room_receptacles(rec.prompt)
+        assert sorted(plan_places) == sorted(room)
+        prior = LIKELY_PLACES[goal.obj]
+        likely = [p for p in room if kind_of(p) in prior and kind_of(p) != goal.target]
+        assert plan_places[: len(likely)] == sorted(likely, key=lambda p: prior.index(kind_of(p)))
+        # Until the object is taken, the agent visits the plan's places in its order.
+        visits = []
+        for line in lines[1:]:
+            if line.startswith("take "):
+                break
+            if line.startswith("go to "):
+                visits.append(line.removeprefix("go to "))
+        assert visits == plan_places[: len(visits)]
 
 
 def test_expert_thoughts_and_lines_are_short_and_never_repeat() -> None:
@@ -373,7 +400,7 @@ def test_expert_thoughts_and_lines_are_short_and_never_repeat() -> None:
     for rec in result.records:
         lines = [s.text.strip() for s in rec.segments if s.kind == "model"]
         assert lines[0].startswith("think: To solve the task")
-        assert all(len(line) <= 160 for line in lines)
+        assert all(len(line) <= (400 if line.startswith("think:") else 80) for line in lines)
         assert all(a != b for a, b in zip(lines, lines[1:], strict=False))
         assert all(parse_action(line) is not None for line in lines)
     assert result.n_repeat_stops == 0

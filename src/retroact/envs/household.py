@@ -341,7 +341,7 @@ PROMPTS = PromptStyle(
         "plan for the next trial (for example, which places you already searched and where to look next)."
     ),
     step_prefix="> ",
-    max_action_tokens=64,  # the longest templated thought has ~160 characters
+    max_action_tokens=160,  # a plan thought names every place of the room (up to ~400 characters)
     max_reflection_tokens=128,  # a reflection lists every place checked in a trial
     fewshot=_FEWSHOT,
     reflector_fewshot=_REFLECTOR_FEWSHOT,

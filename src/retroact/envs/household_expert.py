@@ -80,8 +80,10 @@ class Notes:
     def search_order(self, kind: str) -> list[str]:
         """Unvisited places to look for a type: remembered, then likely, then the rest, then checked."""
         prior = LIKELY_PLACES.get(kind, ())
-        ranked = sorted(self.places, key=lambda p: (
-            prior.index(kind_of(p)) if kind_of(p) in prior else len(prior), kind_of(p), number_of(p)))
+        # A stable sort: within a rank, places keep the room's listing order, so the plan a thought
+        # writes out is a copy of the first observation with the likely types moved to the front.
+        rank = {kind: i for i, kind in enumerate(prior)}
+        ranked = sorted(self.places, key=lambda p: rank.get(kind_of(p), len(prior)))
         # The goal's own target type cannot already hold the object (the task would be done).
         unlikely = {*self.checked.get(kind, []), *(p for p in self.places if kind_of(p) == self.goal.target)}
         order = [p for p in self.found.get(kind, []) if p in self.places]
@@ -163,6 +165,18 @@ def _where_next(n: Notes) -> str:
     return next_action(n).place or "the room"
 
 
+def _search_plan(n: Notes, kind: str) -> str:
+    """Where the agent will look for ``kind``, spelled out: the place it was seen, or the whole search order.
+
+    Naming every place once, in order, turns each later ``go to`` into copying the next name of this line.
+    """
+    hit = n.locate(kind)
+    places = [hit[0]] if hit else n.search_order(kind)
+    if len(places) < 2:
+        return f"I will go to {places[0] if places else 'the room'}"
+    return f"I will check {_join(places)}, in this order"
+
+
 def _start_thought(n: Notes) -> str:
     g, target = n.goal, n.first(n.goal.target)
     if g.kind == "examine":
@@ -173,19 +187,21 @@ def _start_thought(n: Notes) -> str:
         todo = f"find {_a(g.obj)}, {g.kind} it with {n.first(TOOLS[g.kind])}, then put it in/on {target}"
     else:
         todo = f"find {_a(g.obj)} and put it in/on {target}"
-    return f"think: To solve the task, I need to {todo}. First I will check {_where_next(n)}."
+    return f"think: To solve the task, I need to {todo}. {_search_plan(n, g.obj)}."
 
 
 def _took_thought(n: Notes) -> str:
     g = n.goal
     if g.kind in TOOLS:
-        step = f"{g.kind} it with {n.first(TOOLS[g.kind])}"
+        step = f"I will {g.kind} it with {n.first(TOOLS[g.kind])}"
     elif g.kind == "examine":
         lamp = n.locate(LAMP)
-        step = f"use the {lamp[1]} in {lamp[0]}" if lamp else f"find a {LAMP}, starting with {_where_next(n)}"
+        step = f"for {_a(LAMP)}, {_search_plan(n, LAMP)}"
+        if lamp:
+            step = f"I will use the {lamp[1]} in {lamp[0]}"
     else:
-        step = f"put it in/on {n.first(g.target)}"
-    return f"think: Now I have the {n.holding}. Next, I will {step}."
+        step = f"I will put it in/on {n.first(g.target)}"
+    return f"think: Now I have the {n.holding}. Next, {step}."
 
 
 def plan(view: PlannerView) -> str:
@@ -198,8 +214,8 @@ def plan(view: PlannerView) -> str:
     if last is not None and last.verb == "take" and obs.startswith("You pick up"):
         return _took_thought(n)
     if last is not None and last.verb == "put" and obs.startswith("You put") and n.goal.kind == "puttwo":
-        return (f"think: Now one {n.goal.obj} is in/on {n.first(n.goal.target)}. Next, I will find "
-                f"the second {n.goal.obj}, starting with {_where_next(n)}.")
+        return (f"think: Now one {n.goal.obj} is in/on {n.first(n.goal.target)}. For the second "
+                f"{n.goal.obj}, {_search_plan(n, n.goal.obj)}.")
     return str(next_action(n))
 
 

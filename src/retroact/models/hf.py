@@ -217,6 +217,9 @@ def _sample(
     reasons: list[Literal["stop", "length", "eos"]] = ["length"] * len(prompts)
     carried: list[CachedRow] = []
     rows = list(range(len(prompts)))  # batch slot -> original row
+    # A stop string first appears in text ending with the newest token, and every token is at least
+    # one byte: so it lies within the last (its bytes + 1) tokens, and only those need decoding.
+    window = max((len(s.encode()) for s in sampling.stop), default=0) + 1
     for step in range(sampling.max_new_tokens):
         token, logp = _pick(res.logits[:, -1].float().cpu(), sampling, generator)  # the generator is on CPU
         keep = []
@@ -225,7 +228,7 @@ def _sample(
             logps[row].append(float(logp[slot]))
             if new[row][-1] in eos_ids:
                 reasons[row] = "eos"
-            elif sampling.stop and any(s in decode(new[row]) for s in sampling.stop):
+            elif sampling.stop and any(s in decode(new[row][-window:]) for s in sampling.stop):
                 reasons[row] = "stop"
             else:
                 keep.append(slot)

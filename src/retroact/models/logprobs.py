@@ -1,8 +1,10 @@
 """Teacher-forced token log-probs of outputs given prompts, straight from token ids.
 
-Prompts are left-padded and outputs right-padded so every output starts at the same column;
-only the output columns' logits are materialised (``logits_to_keep``), which keeps memory at
-B x T x V instead of B x L x V. Padding is explicit (attention mask), never inferred from ids.
+Prompts are left-padded and outputs right-padded so every output starts at the same column.
+Logits are materialised only where a loss needs them: at the target tokens (the backbone's hidden
+states go through the LM head at masked positions only), so memory and head compute scale with the
+number of model-written tokens, not B x T x V. Padding is explicit (attention mask), never inferred
+from ids.
 """
 
 from __future__ import annotations
@@ -52,14 +54,36 @@ def collate(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], 
     return TokenBatch(input_ids, attention, position_ids, targets, target_mask)
 
 
+# Config fields of architectures whose forward transforms the LM head's output (Gemma's soft-capping,
+# Cohere's and Granite's scaling): their logits only come right through the model's own forward.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder backbone, LM head) of a causal LM, PEFT-wrapped or not; None when its logits need its
+    own forward."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    backbone = getattr(inner, "base_model", None)
+    if config is None or head is None or backbone is None or backbone is inner:
+        return None
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return backbone, head
+
+
 def token_logprobs(
     model: torch.nn.Module,
     batch: TokenBatch,
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    where: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, T] of ``batch.targets`` (0 where masked), and optionally the entropy [B, T].
+    """Log-probs [B, T] of ``batch.targets``, and optionally the entropy [B, T], at the output tokens
+    ``where`` is true (default: every real output token; losses pass their loss mask, since only
+    model-written tokens count); 0 elsewhere.
 
     The batch runs on the model's device; the results come back on the CPU (gradients flow through
     the copy when the caller has them enabled), so the losses never care where the model lives.
@@ -67,19 +91,30 @@ def token_logprobs(
     home = batch.targets.device
     batch = batch.to(next(model.parameters()).device)
     t_len = batch.targets.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=t_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :].float()
+    keep = batch.target_mask.bool()
+    if where is not None:
+        keep &= where.to(keep.device).bool()
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+              "position_ids": batch.position_ids, "use_cache": False}
+    parts = _backbone_and_head(model)
+    if parts is None:
+        # Column j of the kept logits predicts output token j.
+        logits = model(**inputs, logits_to_keep=t_len + 1).logits[:, :-1][keep]
+    else:
+        backbone, head = parts
+        hidden = backbone(**inputs).last_hidden_state[:, -t_len - 1 : -1]
+        logits = head(hidden[keep])
+    logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1) * batch.target_mask
+    logp = logp_all.gather(-1, batch.targets[keep].unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
-        entropy = (-(logp_all.exp() * logp_all).sum(-1) * batch.target_mask).to(home)
-    return logp.to(home), entropy
+        entropy = _scatter(keep, -(logp_all.exp() * logp_all).sum(-1)).to(home)
+    return _scatter(keep, logp).to(home), entropy
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``mask``: ``values`` at its true entries (row-major), 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)

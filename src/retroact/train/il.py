@@ -425,7 +425,7 @@ def _train_step(
     total = 0.0
     finite = True
     for b in micro:
-        logp, _ = token_logprobs(model, b.tokens)
+        logp, _ = token_logprobs(model, b.tokens, where=b.loss_mask)
         nll = -(logp * b.loss_mask).sum()
         if not torch.isfinite(nll):
             finite = False

@@ -380,7 +380,7 @@ def _update(
                     tokens = collate([s.prompt_ids for s in part], [s.output_ids for s in part], pad_id)
                     mask = _pad([s.loss_mask for s in part], tokens.targets.shape[1])
                     behaviour = _pad([s.behaviour_logprobs for s in part], tokens.targets.shape[1])
-                    logp, entropy = token_logprobs(model, tokens, with_entropy=True)
+                    logp, entropy = token_logprobs(model, tokens, with_entropy=True, where=mask)
                     terms = rl_loss(
                         logp,
                         behaviour,
@@ -397,7 +397,7 @@ def _update(
                         entropy_sum = (entropy.detach() * mask).sum().item()
                 if il_part := group.share(il_batch):
                     il_tokens = collate_examples(il_part, pad_id)
-                    il_logp, _ = token_logprobs(model, il_tokens.tokens)
+                    il_logp, _ = token_logprobs(model, il_tokens.tokens, where=il_tokens.loss_mask)
                     l_il = il_loss(il_logp, il_tokens.loss_mask, cfg.normalisation) * _share_of(
                         [e.n_target for e in il_part], [e.n_target for e in il_batch], cfg.normalisation
                     )
