@@ -374,33 +374,8 @@ def _update(
                     il_batch = rng.sample(il_pool, min(cfg.il_batch_size, len(il_pool)))
                 targets = [sum(s.loss_mask) for s in batch]
                 n_tok = float(sum(targets))
-                l_rl, l_il = torch.zeros(()), None
-                ratio = clipped = entropy_sum = 0.0
-                if part := group.share(batch):
-                    tokens = collate([s.prompt_ids for s in part], [s.output_ids for s in part], pad_id)
-                    mask = _pad([s.loss_mask for s in part], tokens.targets.shape[1])
-                    behaviour = _pad([s.behaviour_logprobs for s in part], tokens.targets.shape[1])
-                    logp, entropy = token_logprobs(model, tokens, with_entropy=True, where=mask)
-                    terms = rl_loss(
-                        logp,
-                        behaviour,
-                        mask,
-                        torch.tensor([s.reward for s in part]),
-                        epsilon=cfg.epsilon,
-                        objective=cfg.objective,
-                        normalisation=cfg.normalisation,
-                    )
-                    l_rl = terms.loss * _share_of(group.share(targets), targets, cfg.normalisation)
-                    token_share = float(mask.sum()) / n_tok if n_tok else 1.0
-                    ratio, clipped = terms.mean_ratio * token_share, terms.clipped_fraction * token_share
-                    if entropy is not None:
-                        entropy_sum = (entropy.detach() * mask).sum().item()
-                if il_part := group.share(il_batch):
-                    il_tokens = collate_examples(il_part, pad_id)
-                    il_logp, _ = token_logprobs(model, il_tokens.tokens, where=il_tokens.loss_mask)
-                    l_il = il_loss(il_logp, il_tokens.loss_mask, cfg.normalisation) * _share_of(
-                        [e.n_target for e in il_part], [e.n_target for e in il_batch], cfg.normalisation
-                    )
+                l_rl, ratio, clipped, entropy_sum = _rl_term(model, batch, targets, cfg, pad_id, group)
+                l_il = _il_term(model, il_batch, cfg, pad_id, group)
                 loss = joint_loss(l_rl, l_il, cfg.lam)
                 finite = bool(torch.isfinite(loss))
                 if finite and loss.requires_grad:
@@ -440,6 +415,56 @@ def _update(
         "clipped_fraction": sums["clipped"] / done,
         "entropy": sums["entropy"] / done,
     }
+
+
+def _rl_term(
+    model: torch.nn.Module,
+    batch: list[RLSample],
+    targets: list[int],
+    cfg: RLConfig,
+    pad_id: int,
+    group: ProcessGroup,
+) -> tuple[torch.Tensor, float, float, float]:
+    """L_RL of this rank's share of ``batch`` (``targets``: loss tokens per sample), scaled to the
+    whole batch, with this share's part of the batch's mean ratio, clipped fraction and entropy sum."""
+    part = group.share(batch)
+    if not part:
+        return torch.zeros(()), 0.0, 0.0, 0.0
+    tokens = collate([s.prompt_ids for s in part], [s.output_ids for s in part], pad_id)
+    mask = _pad([s.loss_mask for s in part], tokens.targets.shape[1])
+    behaviour = _pad([s.behaviour_logprobs for s in part], tokens.targets.shape[1])
+    logp, entropy = token_logprobs(model, tokens, with_entropy=True, where=mask)
+    terms = rl_loss(
+        logp,
+        behaviour,
+        mask,
+        torch.tensor([s.reward for s in part]),
+        epsilon=cfg.epsilon,
+        objective=cfg.objective,
+        normalisation=cfg.normalisation,
+    )
+    token_share = float(mask.sum()) / sum(targets) if sum(targets) else 1.0
+    entropy_sum = (entropy.detach() * mask).sum().item() if entropy is not None else 0.0
+    return (
+        terms.loss * _share_of(group.share(targets), targets, cfg.normalisation),
+        terms.mean_ratio * token_share,
+        terms.clipped_fraction * token_share,
+        entropy_sum,
+    )
+
+
+def _il_term(
+    model: torch.nn.Module, il_batch: list[ILExample], cfg: RLConfig, pad_id: int, group: ProcessGroup
+) -> torch.Tensor | None:
+    """L_IL of this rank's share of ``il_batch``, scaled to the whole batch; None when it has none."""
+    part = group.share(il_batch)
+    if not part:
+        return None
+    tokens = collate_examples(part, pad_id)
+    logp, _ = token_logprobs(model, tokens.tokens, where=tokens.loss_mask)
+    return il_loss(logp, tokens.loss_mask, cfg.normalisation) * _share_of(
+        [e.n_target for e in part], [e.n_target for e in il_batch], cfg.normalisation
+    )
 
 
 def _share_of(part: Sequence[int], whole: Sequence[int], how: Normalisation) -> float:
