@@ -169,7 +169,7 @@ def test_bad_requests_become_error_generations(policy: HFPolicy) -> None:
     reqs = requests(policy, ["> go to desk 1\n", "x" * 3000, ""])
     reqs[2].segments = [Segment("prompt", "> ")]  # never tokenised
     gens = policy.generate(reqs, SP(max_new_tokens=4, stop=()))
-    assert [g.finish_reason for g in gens] == ["length", "error", "error"]
+    assert [g.finish_reason for g in gens] == ["length", "context", "error"]
     assert "2048 positions" in (gens[1].error or "") and "not tokenised" in (gens[2].error or "")
 
 

@@ -17,6 +17,7 @@ from retroact.models.base import (
     PolicyInfo,
     SamplingParams,
     SegmentKind,
+    checked_context,
 )
 from retroact.models.scripted import ScriptedPolicy
 
@@ -180,3 +181,45 @@ def test_tokenised_records_have_exact_masks(tmp_path) -> None:  # type: ignore[n
         )
     write_records(tmp_path / "r.jsonl", res.records)
     assert read_records(tmp_path / "r.jsonl") == res.records
+
+
+class ShortContextPolicy(CharPolicy):
+    """CharPolicy whose ``roles`` have ``limit`` positions (the others unbounded); the planner guesses 1."""
+
+    def __init__(self, limit: int, roles: tuple[str, ...] = ("planner", "reflector")) -> None:
+        self.limit, self.roles = limit, roles
+
+    def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:
+        out = []
+        for req in requests:
+            try:
+                limit = self.limit if req.role in self.roles else None
+                checked_context(req.token_ids, sampling.max_new_tokens, limit, "model")
+            except ValueError as err:
+                out.append(Generation.failed(err))
+                continue
+            text = "guess 1\n" if req.role == "planner" else "not 1\n"
+            out.append(Generation(text, [ord(c) for c in text], [-0.5] * len(text)))
+        return out
+
+
+def test_a_trial_that_outgrows_the_context_is_a_failed_trial_not_an_error() -> None:
+    unbounded = ShortContextPolicy(10**6)
+    free = run_trials(SPEC, _tasks([5]), unbounded, None, LoopConfig(trials=1)).records[0]
+    first = len(free.prompt_ids or [])
+    step = sum(len(unbounded.encode(s.text, s.kind)) for s in free.segments[:2])
+    # The planner's first request fits, its second (one step longer) does not.
+    policy = ShortContextPolicy(first + SPEC.prompts.max_action_tokens + step - 1, roles=("planner",))
+    res = run_trials(SPEC, _tasks([5]), policy, policy, LoopConfig(trials=2))
+    planners = [r for r in res.records if r.role == "planner"]
+    assert [r.trial for r in planners] == [0, 1] and res.n_errors == 0
+    assert planners[0].error is None and planners[0].info["context_full"] and not planners[0].success
+    assert planners[0].output.count("guess 1") == 1
+    reflection = next(r for r in res.records if r.role == "reflector")
+    assert reflection.error is None and planners[1].info["memory"] == ["not 1"]
+    # A reflector whose prompt does not fit gets an error record; the next trial runs without it.
+    tight = ShortContextPolicy(first + SPEC.prompts.max_action_tokens)
+    res = run_trials(SPEC, _tasks([5]), tight, tight, LoopConfig(trials=2))
+    planners = [r for r in res.records if r.role == "planner"]
+    assert [r.error for r in planners] == [None, None] and planners[1].info["memory"] == []
+    assert "positions" in (next(r for r in res.records if r.role == "reflector").error or "")

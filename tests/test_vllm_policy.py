@@ -174,12 +174,12 @@ def test_an_adapter_that_fails_its_sanity_generation_is_not_served(
     assert vllm.handles == serving and vllm.info.version == 2
 
 
-def test_requests_that_cannot_run_get_error_generations(
+def test_requests_that_cannot_run_get_context_or_error_generations(
     vllm: VLLMPolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     too_long = SamplingParams(max_new_tokens=vllm.engine.max_positions or 0)
     gens = vllm.generate(_requests(vllm, "planner"), too_long)
-    assert all(g.finish_reason == "error" and "positions" in (g.error or "") for g in gens)
+    assert all(g.finish_reason == "context" and "positions" in (g.error or "") for g in gens)
 
     def crash(requests: Sequence[EngineRequest]) -> list[Generation]:
         raise RuntimeError("engine died")

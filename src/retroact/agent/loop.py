@@ -4,7 +4,7 @@ All active episodes advance in lock-step: one batched planner call per step, one
 reflector call per reflection round. Contexts are built in token space as the model sees them
 (prompt segment, then model and env segments), so records carry exact ids, masks and
 behaviour log-probs. A failing episode (bad output, env error, timeout) is recorded and ends;
-the others go on.
+the others go on. A trial whose context outgrows the model ends as a plain failed trial.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ class _Episode:
     error: str | None = None
     n_valid: int = 0
     repeat_stop: bool = False
+    context_full: bool = False
+    """The next request no longer fit the model: the trial ended there, as a failure to reflect on."""
 
     @property
     def reward(self) -> float:
@@ -194,6 +196,9 @@ class _Runner:
         if gen.finish_reason == "error":
             self._fail(ep, f"generation failed: {gen.error}")
             return
+        if gen.finish_reason == "context":
+            ep.done = ep.context_full = True
+            return
         ep.segments.append(Segment("model", gen.text, gen.token_ids, gen.logprobs))
         action = clean_action(gen.text)
         self.stats["actions"] += 1
@@ -229,6 +234,7 @@ class _Runner:
             "first_observation": ep.first_obs,
             "valid_actions": ep.n_valid,
             "repeat_stop": ep.repeat_stop,
+            "context_full": ep.context_full,
         }
         return self._record(
             "planner",
@@ -278,7 +284,7 @@ class _Runner:
         gens = self._generate(self.reflector, "reflector", requests, failed[0].trial, -1) if failed else []
         out = {}
         for ep, req, gen in zip(failed, requests, gens, strict=True):
-            error = gen.error if gen.finish_reason == "error" else None
+            error = gen.error if gen.finish_reason in ("error", "context") else None
             if error:
                 self.stats["errors"] += 1
             output = Segment("model", gen.text, gen.token_ids, gen.logprobs)

@@ -80,8 +80,31 @@ class Generation:
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
     """Log-prob of each sampled token under the sampling distribution, recorded at sampling time."""
-    finish_reason: Literal["stop", "length", "eos", "error"] = "stop"
+    finish_reason: Literal["stop", "length", "eos", "context", "error"] = "stop"
+    """``context``: the request (plus ``max_new_tokens``) does not fit the model; nothing was sampled."""
     error: str | None = None
+
+    @classmethod
+    def failed(cls, err: ValueError) -> Generation:
+        """What a request that cannot run gets: ``context`` for :class:`ContextFull`, else ``error``."""
+        reason: Literal["context", "error"] = "context" if isinstance(err, ContextFull) else "error"
+        return cls(text="", token_ids=[], logprobs=[], finish_reason=reason, error=str(err))
+
+
+class ContextFull(ValueError):
+    """A request's tokens plus ``max_new_tokens`` exceed the model's positions."""
+
+
+def checked_context(ids: list[int], max_new_tokens: int, limit: int | None, owner: str) -> list[int]:
+    """``ids`` if a request with them can run on ``owner`` (``limit`` positions, None: unbounded)."""
+    if not ids:
+        raise ValueError("empty context: a request needs at least one token")
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        raise ContextFull(
+            f"context of {len(ids)} tokens + max_new_tokens {max_new_tokens} "
+            f"exceeds the {owner}'s {limit} positions"
+        )
+    return ids
 
 
 @dataclass(frozen=True)

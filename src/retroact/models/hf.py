@@ -21,7 +21,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams
+from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams, checked_context
 from retroact.models.chat import PromptFormat, SegmentEncoder, TokenizerIO, drop_end_of_turn
 from retroact.models.checkpoint import MANIFEST, is_checkpoint, load_manifest
 from retroact.models.prefix_cache import CachedRow, PrefixCache, assemble, cacheable, extract
@@ -90,7 +90,8 @@ class HFPolicy(TokenizerIO):
         )
 
     def generate(self, requests: Sequence[GenRequest], sampling: SamplingParams) -> list[Generation]:
-        """Batched sampling per role; a request that cannot run gets an ``error`` generation.
+        """Batched sampling per role; a request that cannot run gets a ``context`` (it does not fit) or
+        ``error`` generation.
 
         A request that extends an earlier one (the same episode, one step later) reuses the
         earlier keys and values (:mod:`retroact.models.prefix_cache`) and feeds only its new tokens.
@@ -101,7 +102,7 @@ class HFPolicy(TokenizerIO):
             try:
                 prompts[i] = self._prompt(req, sampling)
             except ValueError as err:
-                out[i] = _error(str(err))
+                out[i] = Generation.failed(err)
         generator = torch.Generator().manual_seed(sampling.seed)
         for role in ROLES:
             # by length (less padding), and not by what is cached: the samples must not depend on it
@@ -140,16 +141,8 @@ class HFPolicy(TokenizerIO):
         """The request's input ids, or a ValueError saying why it cannot run."""
         if req.role not in self.models:
             raise ValueError(f"unknown role {req.role!r}")
-        ids = req.token_ids
         limit = getattr(self.models[req.role].config, "max_position_embeddings", None)
-        if not ids:
-            raise ValueError("empty context: a request needs at least one token")
-        if limit is not None and len(ids) + sampling.max_new_tokens > limit:
-            raise ValueError(
-                f"context of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} "
-                f"exceeds the model's {limit} positions"
-            )
-        return ids
+        return checked_context(req.token_ids, sampling.max_new_tokens, limit, "model")
 
     @contextmanager
     def _role_model(self, role: Role) -> Iterator[torch.nn.Module]:
@@ -283,10 +276,6 @@ def _pick(
             logp = torch.log_softmax(logp.masked_fill(cut.scatter(-1, order, cut), float("-inf")), dim=-1)
         token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
-
-
-def _error(message: str) -> Generation:
-    return Generation(text="", token_ids=[], logprobs=[], finish_reason="error", error=message)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:

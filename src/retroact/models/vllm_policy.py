@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams
+from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams, checked_context
 from retroact.models.chat import PromptFormat, SegmentEncoder, TokenizerIO, drop_end_of_turn
 from retroact.models.checkpoint import MANIFEST, CheckpointManifest, load_manifest
 
@@ -143,7 +143,7 @@ class VLLMPolicy(TokenizerIO):
             try:
                 ids = self._prompt(req, sampling)
             except ValueError as err:
-                out[i] = _error(str(err))
+                out[i] = Generation.failed(err)
                 continue
             seed = zlib.crc32(f"{sampling.seed}/{i}".encode())
             batch.append((i, EngineRequest(ids, self.handles.get(req.role), replace(sampling, seed=seed))))
@@ -166,16 +166,7 @@ class VLLMPolicy(TokenizerIO):
     def _prompt(self, req: GenRequest, sampling: SamplingParams) -> list[int]:
         if req.role not in ROLES:
             raise ValueError(f"unknown role {req.role!r}")
-        ids = req.token_ids
-        if not ids:
-            raise ValueError("empty context: a request needs at least one token")
-        limit = self.engine.max_positions
-        if limit is not None and len(ids) + sampling.max_new_tokens > limit:
-            raise ValueError(
-                f"context of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} "
-                f"exceeds the engine's {limit} positions"
-            )
-        return ids
+        return checked_context(req.token_ids, sampling.max_new_tokens, self.engine.max_positions, "engine")
 
     # -- adapter versions
     def load_checkpoint(self, ckpt: str | Path) -> None:
