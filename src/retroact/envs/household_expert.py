@@ -196,9 +196,10 @@ def _took_thought(n: Notes) -> str:
         step = f"I will {g.kind} it with {n.first(TOOLS[g.kind])}"
     elif g.kind == "examine":
         lamp = n.locate(LAMP)
-        step = f"for {_a(LAMP)}, {_search_plan(n, LAMP)}"
         if lamp:
             step = f"I will use the {lamp[1]} in {lamp[0]}"
+        else:
+            step = f"for {_a(LAMP)}, {_search_plan(n, LAMP)}"
     else:
         step = f"I will put it in/on {n.first(g.target)}"
     return f"think: Now I have the {n.holding}. Next, {step}."

@@ -443,7 +443,8 @@ def _rl_term(
         objective=cfg.objective,
         normalisation=cfg.normalisation,
     )
-    token_share = float(mask.sum()) / sum(targets) if sum(targets) else 1.0
+    n_tok = sum(targets)
+    token_share = float(mask.sum()) / n_tok if n_tok else 1.0
     entropy_sum = (entropy.detach() * mask).sum().item() if entropy is not None else 0.0
     return (
         terms.loss * _share_of(group.share(targets), targets, cfg.normalisation),
