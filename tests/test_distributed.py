@@ -26,6 +26,7 @@ from retroact.agent.records import read_records, write_records
 from retroact.data.collect import collect
 from retroact.envs import get_spec
 from retroact.train.distributed import SINGLE, DistributedError, ProcessGroup, process_group
+from retroact.train.fsdp import FSDPSettings
 from retroact.train.il import ILConfig, train_il
 from retroact.train.rl import RLConfig, train_rl
 from tests.test_rl import RL_BASE
@@ -70,23 +71,42 @@ def _lines(path: Path) -> list[dict]:
 def test_share_batches_splits_each_step_once_and_keeps_micro_batches() -> None:
     batches = [[1, 2, 3], [4, 5], [6]]
     shares = [ProcessGroup(r, 4).share_batches(batches) for r in range(4)]
-    assert shares == [[[1]], [[2, 3]], [[4]], [[5], [6]]]
-    assert ProcessGroup(1, 4).share([7]) == [] and SINGLE.share_batches(batches) == batches
+    assert shares == [[([1], 1.0)], [([2, 3], 1.0)], [([4], 1.0)], [([5], 1.0), ([6], 1.0)]]
+    assert SINGLE.share_batches(batches) == [(b, 1.0) for b in batches]
+    assert ProcessGroup(1, 4).share([7]) == []
+    assert ProcessGroup(1, 4).share_for_pass([7]) == ([], 1.0)
     assert SINGLE.rank_seed(5) == 5 != ProcessGroup(1, 2).rank_seed(5)
 
 
+def test_under_fsdp_every_rank_runs_as_many_passes_with_weight_0_pads() -> None:
+    batches = [[1, 2, 3], [4, 5], [6]]
+    shares = [ProcessGroup(r, 4, FSDPSettings()).share_batches(batches) for r in range(4)]
+    pad = ([1], 0.0)
+    assert shares == [[([1], 1.0), pad], [([2, 3], 1.0), pad], [([4], 1.0), pad], [([5], 1.0), ([6], 1.0)]]
+    assert ProcessGroup(0, 4, FSDPSettings()).share_for_pass([7, 8]) == ([7], 0.0)
+    assert ProcessGroup(1, 4, FSDPSettings()).share_for_pass([7, 8]) == ([7], 1.0)
+    assert ProcessGroup(1, 4, FSDPSettings()).share_for_pass([]) == ([], 1.0)
+
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
 @pytest.mark.parametrize(
-    ("var", "value", "message"),
+    ("env", "message"),
     [
-        ("ACCELERATE_USE_FSDP", "true", "asks for FSDP"),
-        ("ACCELERATE_MIXED_PRECISION", "bf16", "run in float32"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed"),
+        ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "run in float32"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2"),
+        ({**FSDP2, "FSDP_OFFLOAD_PARAMS": "true"}, "offload"),
+        ({**FSDP2, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "each decoder layer"),
     ],
 )
 def test_launch_modes_the_trainers_do_not_honour_are_refused(
-    monkeypatch: pytest.MonkeyPatch, var: str, value: str, message: str
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv(var, value)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
     process_group.cache_clear()
     try:
         with pytest.raises(DistributedError, match=message):
@@ -95,11 +115,11 @@ def test_launch_modes_the_trainers_do_not_honour_are_refused(
         process_group.cache_clear()
 
 
-def _launch(tmp_path: Path, *args: object) -> None:
+def _launch(tmp_path: Path, launch_config: str, *args: object) -> None:
     """``retroact ARGS`` on two gloo CPU processes, at low priority (other jobs share the cores)."""
     cmd = [
         "nice", "-n", "15", sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
+        "--config_file", str(REPO / "configs" / "accelerate" / launch_config),
         "--main_process_port", str(_free_port()), "-m", "retroact.cli", *map(str, args),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -121,17 +141,21 @@ def _launch(tmp_path: Path, *args: object) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-def test_two_processes_match_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launch_config", ["cpu-2proc.yaml", "cpu-2proc-fsdp.yaml"])
+def test_two_processes_match_one(tmp_path: Path, launch_config: str) -> None:
+    """DDP-style and FSDP2 launches. RL: iteration 0 trains on a prepared buffer, iteration 1 rolls out
+    with the trained adapters (rank 0 alone; under FSDP with gathered weights) and evaluates; the
+    two-process run stops after iteration 0 and resumes (optimizer state saved whole, re-sharded)."""
     model = make_tiny_model(tmp_path)
     planner, reflector = get_spec("household").experts()
     data = tmp_path / "data"
     collect("household", planner, reflector, data, n_tasks=8, config=LoopConfig(trials=2))
     il_cfg, rl_cfg = tmp_path / "il.yaml", tmp_path / "rl.yaml"
     il_cfg.write_text(yaml.safe_dump(IL))
-    rl_cfg.write_text(yaml.safe_dump(RL))
 
     train_il(data, model, tmp_path / "il-1", ILConfig.model_validate(IL), progress=False)
-    _launch(tmp_path, "il", "--data", data, "--model", model, "--out", tmp_path / "il-2", "--config", il_cfg)
+    il_args = ["--data", data, "--model", model, "--out", tmp_path / "il-2", "--config", il_cfg]
+    _launch(tmp_path, launch_config, "il", *il_args)
 
     one, two = _adapters(tmp_path / "il-1"), _adapters(tmp_path / "il-2")
     assert one.keys() == two.keys() and len(one) == 16
@@ -156,16 +180,47 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     run_1, run_2 = tmp_path / "rl-1", tmp_path / "rl-2"
     for run in (run_1, run_2):
         write_records(run / "buffer" / "iter_0000.jsonl", records)
-    history = train_rl(tmp_path / "il-1", data, run_1, RLConfig.model_validate(RL))
-    _launch(tmp_path, "rl", "--init", tmp_path / "il-1", "--data", data, "--out", run_2, "--config", rl_cfg)
+    rl = {**RL, "iterations": 2, "eval_tasks": 1}
+    history = train_rl(tmp_path / "il-1", data, run_1, RLConfig.model_validate(rl))
+    rl_args = ["--init", tmp_path / "il-1", "--data", data, "--out", run_2, "--config", rl_cfg]
+    for iterations in (1, 2):
+        rl_cfg.write_text(yaml.safe_dump({**rl, "iterations": iterations}))
+        _launch(tmp_path, launch_config, "rl", *rl_args)
 
     one, two = _adapters(run_1 / "latest" / "ckpt"), _adapters(run_2 / "latest" / "ckpt")
     assert all(torch.allclose(one[k], two[k], atol=ATOL) for k in one)
     assert not all(torch.allclose(one[k], v) for k, v in _adapters(tmp_path / "il-1").items())
     assert _files(run_1) == _files(run_2)
     assert read_records(run_2 / "buffer" / "iter_0000.jsonl") == records
-    (want,), (got,) = history, _lines(run_2 / "metrics.jsonl")
-    assert want["samples"] == got["samples"] and want["optimizer_steps"] == got["optimizer_steps"] > 0
-    assert want["loss_rl"] != 0
-    for key in ("loss_rl", "loss_il", "mean_ratio", "clipped_fraction", "entropy"):
-        assert got[key] == pytest.approx(want[key], abs=ATOL), key
+    rolled = [read_records(run / "buffer" / "iter_0001.jsonl") for run in (run_1, run_2)]
+    assert [[(r.task_id, r.role, r.trial, r.output_ids) for r in rs] for rs in rolled] == [
+        [(r.task_id, r.role, r.trial, r.output_ids) for r in rolled[0]]
+    ] * 2
+    got = _lines(run_2 / "metrics.jsonl")
+    assert len(history) == len(got) == 2
+    assert history[1]["eval"] == got[1]["eval"] and history[1]["train"] == got[1]["train"]
+    for want, row in zip(history, got, strict=True):
+        assert want["samples"] == row["samples"] and want["optimizer_steps"] == row["optimizer_steps"] > 0
+        for key in ("loss_rl", "loss_il", "mean_ratio", "clipped_fraction", "entropy"):
+            assert row[key] == pytest.approx(want[key], abs=ATOL), key
+    assert history[0]["loss_rl"] != 0
+
+
+def test_fsdp_full_fine_tuning_matches_one_process(tmp_path: Path) -> None:
+    """Full fine-tuning (every weight sharded, the case FSDP is for) of both units, one epoch."""
+    model = make_tiny_model(tmp_path)
+    planner, reflector = get_spec("household").experts()
+    data = tmp_path / "data"
+    collect("household", planner, reflector, data, n_tasks=8, config=LoopConfig(trials=2))
+    cfg = {**{k: v for k, v in IL.items() if k != "lora"}, "epochs": 1, "finetune": "full"}
+    (tmp_path / "il.yaml").write_text(yaml.safe_dump(cfg))
+    train_il(data, model, tmp_path / "one", ILConfig.model_validate(cfg), progress=False)
+    args = ["--data", data, "--model", model, "--out", tmp_path / "two", "--config", tmp_path / "il.yaml"]
+    _launch(tmp_path, "cpu-2proc-fsdp.yaml", "il", *args)
+    for unit in ("planner", "reflector"):
+        one = load_file(tmp_path / "one" / unit / "model.safetensors")
+        two = load_file(tmp_path / "two" / unit / "model.safetensors")
+        base = load_file(model / "model.safetensors")
+        assert one.keys() == two.keys() and len(one) > 16
+        assert all(torch.allclose(one[k], two[k], atol=ATOL) for k in one)
+        assert not all(torch.equal(one[k], base[k]) for k in base)

@@ -130,8 +130,9 @@ def test_a_step_on_one_adapter_leaves_the_other_untouched(model_dir: Path, data_
     reflector_before = [p.detach().clone() for p in trainable.parameters("reflector")]
     planner_before = [p.detach().clone() for p in trainable.parameters("planner")]
     exs = load_role_data(data_dir, "planner", load_tokenizer(model_dir), max_length=4096).examples[:4]
+    batch = collate_examples(exs, 0)
     for _ in range(2):
-        assert il._train_step(trainable, "planner", [collate_examples(exs, 0)], opt, 1.0)[1] is not None
+        assert il._train_step(trainable, "planner", [(batch, 1.0)], opt, 1.0)[1] is not None
     assert all(
         torch.equal(a, b) for a, b in zip(reflector_before, trainable.parameters("reflector"), strict=True)
     )
@@ -142,12 +143,14 @@ def test_a_step_on_one_adapter_leaves_the_other_untouched(model_dir: Path, data_
 
 
 def test_gradient_accumulation_matches_one_big_batch(model_dir: Path, data_dir: Path) -> None:
+    """Also: a weight-0 pass (what FSDP ranks with a smaller share run) changes nothing."""
     exs = load_role_data(data_dir, "planner", load_tokenizer(model_dir), max_length=4096).examples[:6]
     results = []
-    for micro in ([exs[:2], exs[2:3], exs[3:]], [exs]):
+    for micro in ([(exs[:2], 1.0), (exs[2:3], 1.0), (exs[3:], 1.0), (exs[:1], 0.0)], [(exs, 1.0)]):
         trainable = Trainable.from_base(load_model(model_dir), "full", ["planner"])
         opt = make_optimizer(trainable.all_parameters(), 1e-3, 0.0)
-        nll, norm = il._train_step(trainable, "planner", [collate_examples(m, 0) for m in micro], opt, None)
+        batches = [(collate_examples(m, 0), w) for m, w in micro]
+        nll, norm = il._train_step(trainable, "planner", batches, opt, None)
         results.append((nll, norm, trainable.weights()))
     (nll_a, norm_a, w_a), (nll_b, norm_b, w_b) = results
     assert nll_a == pytest.approx(nll_b, rel=1e-5)

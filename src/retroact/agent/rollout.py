@@ -146,6 +146,24 @@ class PolicyState:
     """Each role's ``LoraConfig`` as a dict (``lora`` only): what an engine needs to load the adapter."""
 
 
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``, read from the registered parameters and persistent buffers: under FSDP
+    rank 0 rolls out with gathered whole weights (``train.fsdp.gathered``), which FSDP's state-dict
+    hook would put back into shards."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        out.update({dot + name: p.detach() for name, p in module.named_parameters(recurse=False)})
+        out.update(
+            {
+                dot + name: b
+                for name, b in module.named_buffers(recurse=False)
+                if name not in module._non_persistent_buffers_set
+            }
+        )
+    return out
+
+
 def export_state(policy: HFPolicy) -> PolicyState:
     """The trained weights of ``policy`` (adapters only when it has adapters)."""
     by_key: dict[object, dict[str, torch.Tensor]] = {}
@@ -159,11 +177,11 @@ def export_state(policy: HFPolicy) -> PolicyState:
                 raise ValueError(f"role {role} has no adapter: a LoRA policy must name one for every role")
             key: object = adapter
             if key not in by_key:
-                by_key[key] = get_peft_model_state_dict(model, adapter_name=adapter)
+                by_key[key] = get_peft_model_state_dict(model, state_dict=_state(model), adapter_name=adapter)
             configs[role] = model.peft_config[adapter].to_dict()
         else:
             key = id(model)
-            by_key.setdefault(key, model.state_dict())
+            by_key.setdefault(key, _state(model))
         weights[role] = by_key[key]
     return PolicyState(
         name=policy.info.name,

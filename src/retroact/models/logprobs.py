@@ -61,7 +61,12 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder backbone, LM head) of a causal LM, PEFT-wrapped or not; None when its logits need its
-    own forward."""
+    own forward, or when FSDP shards it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):  # its root weights (embeddings, head) are gathered in its forward
+            return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None

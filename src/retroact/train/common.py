@@ -122,6 +122,11 @@ class Trainable:
     def units(self) -> list[str]:
         return list(self._models)
 
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The distinct models (one PEFT model holds every LoRA unit)."""
+        return list({id(m): m for m in self._models.values()}.values())
+
     def model(self, unit: str) -> torch.nn.Module:
         """The module to run for ``unit``, in training mode, with only that unit's weights trainable."""
         model = self._models[unit]
@@ -146,11 +151,15 @@ class Trainable:
         return [p for u in self.units for p in self.parameters(u)]
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Copies of the trained weights (keys ``unit/name``), for resumable training state."""
+        """Whole copies of the trained weights (keys ``unit/name``), for training state and export.
+
+        Under FSDP this gathers the shards: every rank must call it, in the same order."""
         out: dict[str, torch.Tensor] = {}
         for unit, model in self._models.items():
             named = model.state_dict() if self.finetune == "full" else self._adapter_params(unit)
-            out.update({f"{unit}/{k}": v.detach().clone() for k, v in named.items()})
+            for k, v in named.items():
+                v = v.detach()
+                out[f"{unit}/{k}"] = v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
         return out
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -167,18 +176,21 @@ class Trainable:
                 for name, value in mine.items():
                     params[name].copy_(value)
 
-    def export(self, unit: str, out_dir: Path) -> None:
-        """``save_pretrained`` the unit into ``out_dir`` (replaced whole, never half-written)."""
+    def export(self, unit: str, out_dir: Path, weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        """``save_pretrained`` the unit into ``out_dir`` (replaced whole, never half-written), with
+        its entries of ``weights`` (from :meth:`weights`; default: taken now)."""
         staging = out_dir.with_name(out_dir.name + ".staging")
         if staging.exists():
             shutil.rmtree(staging)
         model = self._models[unit]
+        prefix = f"{unit}/"
+        state = {k[len(prefix) :]: v for k, v in (weights or self.weights()).items() if k.startswith(prefix)}
         if self.finetune == "full":
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=state)
             replace_dir(staging, out_dir)
             return
         # PEFT writes a non-default adapter into a sub-folder named after it.
-        model.save_pretrained(staging, selected_adapters=[unit])
+        model.save_pretrained(staging, selected_adapters=[unit], state_dict=state)
         replace_dir(staging / unit, out_dir)
         shutil.rmtree(staging)
 
@@ -188,11 +200,14 @@ def write_checkpoint(
     trainable: Trainable,
     tokenizer: PreTrainedTokenizerBase,
     manifest: CheckpointManifest,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Export the units the manifest names, the tokenizer, then the manifest (last: it marks completion)."""
+    """Export the units the manifest names (with ``weights``, see :meth:`Trainable.export`), the
+    tokenizer, then the manifest (last: it marks completion)."""
     ckpt.mkdir(parents=True, exist_ok=True)
+    weights = weights or trainable.weights()
     for unit in dict.fromkeys(manifest.roles.values()):
-        trainable.export(unit, ckpt / unit)
+        trainable.export(unit, ckpt / unit, weights)
     staging = ckpt / (TOKENIZER_DIR + ".staging")
     if staging.exists():
         shutil.rmtree(staging)
@@ -231,6 +246,8 @@ def clip_and_step(
     """Clip the gradient norm and take an optimizer step; None (no step) when the norm is not finite."""
     with_grad = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip if grad_clip else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the gradient shards
+        norm = norm.full_tensor()
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return None

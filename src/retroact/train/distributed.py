@@ -12,23 +12,29 @@ than a DDP wrapper, because a step here trains one *unit* (one adapter of a mult
 whose ``requires_grad`` flags follow the active adapter) and a rank may hold no example of a small
 step; DDP's fixed set of hooked parameters and its one-backward-per-rank rule allow neither.
 
+With an accelerate FSDP config (``fsdp_version: 2``) the weights, gradients and optimizer state are
+sharded instead (:mod:`retroact.train.fsdp`); the trainers make the same calls.
+
 Without ``WORLD_SIZE`` > 1 the trainers use :data:`SINGLE`, whose calls do nothing; accelerate is then
 not even imported, so a plain run behaves and performs as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from retroact.models.hf import default_device
+from retroact.train import fsdp
+from retroact.train.fsdp import FSDPSettings
 
 T = TypeVar("T")
 
@@ -38,14 +44,13 @@ a large model), the other ranks wait in a broadcast; the 30-minute default would
 _BUCKET = 1 << 26
 """Gradient elements per all-reduce (256 MB of float32): bounds the extra memory of a full model."""
 _UNSUPPORTED = {
-    "ACCELERATE_USE_FSDP": "FSDP",
     "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
     "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
 }
 
 
 class DistributedError(ValueError):
-    """The launch asks for something the trainers do not do (FSDP, DeepSpeed, mixed precision)."""
+    """The launch asks for something the trainers do not do (DeepSpeed, FSDP1, mixed precision, ...)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class ProcessGroup:
 
     rank: int = 0
     world_size: int = 1
+    fsdp: FSDPSettings | None = None
+    """Set under an FSDP launch: weights, gradients and optimizer state are sharded."""
 
     @property
     def is_main(self) -> bool:
@@ -66,12 +73,32 @@ class ProcessGroup:
         n = len(items)
         return list(items[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size])
 
-    def share_batches(self, batches: Sequence[Sequence[T]]) -> list[list[T]]:
-        """This rank's share of a step given as micro-batches: :meth:`share` of all their items in
-        order, cut again at the micro-batch boundaries, so no piece is larger than the micro-batch
-        it comes from (memory) and pieces keep the length bucketing."""
-        tagged = self.share([(j, item) for j, batch in enumerate(batches) for item in batch])
-        return [[item for _, item in group] for _, group in itertools.groupby(tagged, key=lambda t: t[0])]
+    def share_batches(self, batches: Sequence[Sequence[T]]) -> list[tuple[list[T], float]]:
+        """This rank's passes for a step given as micro-batches, each with its loss weight.
+
+        The pieces are :meth:`share` of all the items in order, cut again at the micro-batch
+        boundaries, so no piece is larger than the micro-batch it comes from (memory) and pieces keep
+        the length bucketing; their weight is 1. Under FSDP every rank must run as many passes as
+        the rank with the most pieces: the others add passes over the step's first item, weight 0.
+        """
+        pieces = [(items, 1.0) for items in self._pieces(batches, self.rank)]
+        if self.fsdp is not None:
+            most = max(len(self._pieces(batches, r)) for r in range(self.world_size))
+            pieces += [([batches[0][0]], 0.0)] * (most - len(pieces))
+        return pieces
+
+    def _pieces(self, batches: Sequence[Sequence[T]], rank: int) -> list[list[T]]:
+        tagged = [(j, x) for j, batch in enumerate(batches) for x in batch]
+        mine = ProcessGroup(rank, self.world_size).share(tagged)
+        return [[x for _, x in group] for _, group in itertools.groupby(mine, key=lambda t: t[0])]
+
+    def share_for_pass(self, items: Sequence[T]) -> tuple[list[T], float]:
+        """:meth:`share` of a batch and its loss weight 1; under FSDP a rank whose share is empty still
+        runs the pass every rank runs, over the first item with weight 0 (none if ``items`` is)."""
+        part = self.share(items)
+        if part or self.fsdp is None or not items:
+            return part, 1.0
+        return [items[0]], 0.0
 
     def rank_seed(self, seed: int) -> int:
         """``seed`` on rank 0 (and in one process), another on each other rank: dropout masks of
@@ -84,11 +111,16 @@ class ProcessGroup:
         A parameter without a gradient on any rank keeps none, as in one process, so AdamW still
         skips it; one with a gradient somewhere gets the sum (ranks without one add zeros).
         Returns the summed ``extras``; in one process it returns them as given and touches nothing.
+        Under FSDP the backward pass has summed the gradients already: only ``extras`` are.
         """
         if self.world_size == 1:
             return list(extras)
         import torch.distributed as dist
 
+        if self.fsdp is not None:
+            summed = torch.tensor(list(extras), dtype=torch.float64, device=default_device())
+            dist.all_reduce(summed)
+            return summed.tolist()
         device = params[0].device if params else default_device()
         head = torch.tensor(
             [*extras, *(float(p.grad is not None) for p in params)], dtype=torch.float64, device=device
@@ -116,6 +148,31 @@ class ProcessGroup:
         with torch.no_grad():
             for p in params:
                 dist.broadcast(p.data, src=0)
+
+    def shard(self, models: Sequence[torch.nn.Module]) -> None:
+        """Under FSDP, shard ``models`` (after :meth:`broadcast_parameters`, before the optimizer is
+        made: sharding replaces the parameters); otherwise nothing."""
+        if self.fsdp is not None:
+            for model in models:
+                fsdp.shard(model, self.fsdp)
+
+    def gathered(self, models: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager[None]:
+        """A block in which ``models`` hold whole weights on every rank (under FSDP: every rank must
+        enter it), for rank 0's rollouts, evaluation and checkpoint export."""
+        if self.fsdp is None:
+            return contextlib.nullcontext()
+        return fsdp.gathered(models, self.fsdp)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()`` as one process would have it (under FSDP a collective)."""
+        return fsdp.full_optimizer_state(optimizer) if self.fsdp is not None else optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+        """Load a state saved by :meth:`optimizer_state`, under any number of processes."""
+        state = dict(state)
+        if self.fsdp is not None:
+            state = fsdp.sharded_optimizer_state(optimizer, state)
+        optimizer.load_state_dict(state)
 
     def broadcast_object(self, obj: T) -> T:
         """Rank 0's ``obj`` (picklable) on every rank; other ranks' ``obj`` is ignored."""
@@ -148,10 +205,10 @@ def process_group() -> ProcessGroup:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SINGLE
     for var, name in _UNSUPPORTED.items():
-        if os.environ.get(var, "").lower() == "true":
+        if _flag(var):
             raise DistributedError(
                 f"the accelerate config asks for {name}; RetroAct's trainers run data-parallel (DDP-style) "
-                "only: use a MULTI_GPU config such as configs/accelerate/ddp-8gpu.yaml (docs/gpu.md)"
+                "or fully sharded (FSDP2): use configs/accelerate/ddp-8gpu.yaml or fsdp-8gpu.yaml"
             )
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision != "no":
@@ -159,10 +216,44 @@ def process_group() -> ProcessGroup:
             f"the accelerate config asks for mixed_precision {precision!r}; the trainers run in float32: "
             "set mixed_precision: 'no'"
         )
+    settings = _fsdp_settings() if _flag("ACCELERATE_USE_FSDP") else None
     from accelerate import PartialState
 
     state = PartialState(cpu=default_device().type == "cpu", timeout=TIMEOUT)
-    return ProcessGroup(state.process_index, state.num_processes)
+    return ProcessGroup(state.process_index, state.num_processes, settings)
+
+
+def _flag(var: str) -> bool:
+    return os.environ.get(var, "").lower() == "true"
+
+
+def _fsdp_settings() -> FSDPSettings:
+    """The accelerate FSDP config (as ``accelerate launch`` exports it), or a clear refusal."""
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise DistributedError(
+            f"the accelerate config asks for FSDP version {version}; RetroAct shards with FSDP2 "
+            "(fully_shard): set fsdp_version: 2 (see configs/accelerate/fsdp-8gpu.yaml)"
+        )
+    for var, field in [
+        ("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+        ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing"),
+    ]:
+        if _flag(var):
+            raise DistributedError(f"the accelerate config sets {field}: true; RetroAct's FSDP does not")
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise DistributedError(
+            f"the accelerate config sets fsdp_auto_wrap_policy {policy}; RetroAct shards each decoder layer: "
+            "use TRANSFORMER_BASED_WRAP"
+        )
+    from accelerate.utils import str_to_bool
+
+    classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    return FSDPSettings(
+        reshard_after_forward=bool(str_to_bool(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true"))),
+        layer_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+    )
 
 
 def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:

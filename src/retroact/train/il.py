@@ -23,6 +23,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -251,12 +252,6 @@ def train_il(
     plan = _cut([epoch_plan(examples, cfg, e) for e in range(cfg.epochs)], cfg.max_steps or sys.maxsize)
     total_steps = sum(len(p) for p in plan)
 
-    torch.manual_seed(cfg.seed)
-    trainable = Trainable.from_base(base, cfg.finetune, units, cfg.lora)
-    group.broadcast_parameters(trainable.all_parameters())
-    params = trainable.all_parameters()
-    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.schedule, round(cfg.warmup_ratio * total_steps), total_steps)
     manifest = CheckpointManifest(
         base_model=str(Path(model_path).resolve()),
         finetune=cfg.finetune,
@@ -269,13 +264,21 @@ def train_il(
         "base_model": manifest.base_model,
         "data": {u: fingerprint(exs) for u, exs in examples.items()},
     }
-
-    c = _Counters()
-    if resuming:
-        state = load_state(state_file)
+    state = load_state(state_file) if resuming else None
+    if state is not None:
         _check_same_run(state_file, state["identity"], identity)
+
+    torch.manual_seed(cfg.seed)
+    trainable = Trainable.from_base(base, cfg.finetune, units, cfg.lora)
+    group.broadcast_parameters(trainable.all_parameters())
+    if state is not None:
         trainable.load_weights(state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
+    group.shard(trainable.modules)
+    optimizer = make_optimizer(trainable.all_parameters(), cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.schedule, round(cfg.warmup_ratio * total_steps), total_steps)
+    c = _Counters()
+    if state is not None:
+        group.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         c = _Counters(**state["counters"])
@@ -286,21 +289,21 @@ def train_il(
 
     def save() -> None:
         nonlocal save_seconds
-        if not group.is_main:
-            return
         t0 = time.perf_counter()
-        save_state(
-            state_file,
-            {
-                "identity": identity,
-                "weights": trainable.weights(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "counters": asdict(c),
-            },
-        )
-        write_checkpoint(out, trainable, tokenizer, manifest)
+        weights, optimizer_state = trainable.weights(), group.optimizer_state(optimizer)  # FSDP: all gather
+        if group.is_main:
+            save_state(
+                state_file,
+                {
+                    "identity": identity,
+                    "weights": weights,
+                    "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "counters": asdict(c),
+                },
+            )
+            write_checkpoint(out, trainable, tokenizer, manifest, weights)
         save_seconds += time.perf_counter() - t0
 
     if group.is_main:
@@ -310,8 +313,10 @@ def train_il(
     )
     pad_id = _pad_id(tokenizer)
     finished_before = c.done
-    if finished_before and group.is_main:
-        write_checkpoint(out, trainable, tokenizer, manifest)  # a kill may have cut the last export short
+    if finished_before:  # a kill may have cut the last export short
+        weights = trainable.weights()
+        if group.is_main:
+            write_checkpoint(out, trainable, tokenizer, manifest, weights)
     tokens_seen = 0
     started = time.perf_counter()
     try:
@@ -326,8 +331,8 @@ def train_il(
                     step_examples = [examples[unit][i] for b in batches for i in b]
                     n_target = sum(e.n_target for e in step_examples)
                     micro = [
-                        collate_examples([examples[unit][i] for i in b], pad_id)
-                        for b in group.share_batches(batches)
+                        (collate_examples([examples[unit][i] for i in b], pad_id), weight)
+                        for b, weight in group.share_batches(batches)
                     ]
                     if group.world_size > 1:  # per-step seeds: resumable without every rank's RNG state
                         torch.manual_seed(group.rank_seed(cfg.seed * 1_000_003 + c.global_step))
@@ -408,7 +413,7 @@ def train_il(
 def _train_step(
     trainable: Trainable,
     unit: str,
-    micro: list[ILBatch],
+    micro: Sequence[tuple[ILBatch, float]],
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None,
     *,
@@ -417,23 +422,21 @@ def _train_step(
 ) -> tuple[float, float | None]:
     """One optimizer step on ``unit``: (NLL sum over target tokens, grad norm or None if skipped).
 
-    Under several processes ``micro`` is this rank's share of the step (maybe none), ``n_target``
-    the step's target tokens on all ranks (default: those of ``micro``), and the result the step's.
+    ``micro`` holds (micro-batch, loss weight) pairs. Under several processes it is this rank's
+    share of the step (:meth:`ProcessGroup.share_batches`), ``n_target`` the step's target tokens
+    on all ranks (default: those of ``micro``), and the result the step's.
     """
     model = trainable.model(unit)
-    n_target = n_target or sum(b.n_target for b in micro)
+    n_target = n_target or sum(b.n_target for b, weight in micro if weight > 0)
     total = 0.0
-    finite = True
-    for b in micro:
+    for b, weight in micro:
         logp, _ = token_logprobs(model, b.tokens, where=b.loss_mask)
-        nll = -(logp * b.loss_mask).sum()
-        if not torch.isfinite(nll):
-            finite = False
-            break
+        nll = -(logp * b.loss_mask).sum() * weight
+        # Backward even when not finite: under FSDP every rank must run every pass; the step is skipped below.
         (nll / n_target).backward()
         total += nll.item()
     params = trainable.parameters(unit)
-    total, non_finite = group.sum_gradients(params, [total, float(not finite)])
+    total, non_finite = group.sum_gradients(params, [total, float(not math.isfinite(total))])
     if non_finite:
         optimizer.zero_grad(set_to_none=True)
         return math.nan, None

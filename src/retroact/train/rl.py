@@ -146,6 +146,7 @@ def train_rl(
     ckpt = latest / "ckpt" if latest else Path(init_ckpt)
     trainable, manifest = Trainable.from_checkpoint(ckpt)
     group.broadcast_parameters(trainable.all_parameters())
+    group.shard(trainable.modules)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     units = dict.fromkeys(manifest.roles.values())
     roles_to_train = [r for r in ROLES if cfg.optimise in ("both", r) and r in manifest.roles]
@@ -154,7 +155,7 @@ def train_rl(
         [p for u in train_units for p in trainable.parameters(u)], cfg.lr, cfg.weight_decay
     )
     if latest is not None:
-        optimizer.load_state_dict(load_state(latest / "optimizer.pt")["optimizer"])
+        group.load_optimizer_state(optimizer, load_state(latest / "optimizer.pt")["optimizer"])
     il_examples = (
         {r: load_role_data(il_data, r, tokenizer, max_length=cfg.max_length).examples for r in roles_to_train}
         if cfg.lam > 0
@@ -193,26 +194,27 @@ def train_rl(
             t0 = time.perf_counter()
             policy.info.version = it
             buffer_file = buffer_dir / f"iter_{it:04d}.jsonl"
-            if rollouts is None:
-                records = []  # the main process's arrive below
-            elif buffer_file.exists():  # rolled out before a kill during the update
-                records = read_records(buffer_file)
-            else:
-                tasks = [
-                    train_tasks[(it * cfg.tasks_per_iteration + j) % len(train_tasks)]
-                    for j in range(cfg.tasks_per_iteration)
-                ]
-                loop_cfg = LoopConfig(
-                    trials=cfg.trials,
-                    max_steps=cfg.max_steps,
-                    temperature=cfg.temperature,
-                    batch_size=cfg.rollout_batch_size,
-                    seed=cfg.seed * 7919 + it,
-                    env_options=cfg.env_options,
-                )
-                records = rollouts.run(cfg.env, _unique(tasks), policy, loop_cfg).records
-                write_records(buffer_file, records)
-            records = group.broadcast_object(records)
+            with group.gathered(trainable.modules):  # under FSDP rank 0 generates with whole weights
+                if rollouts is None:
+                    records = []  # the main process's arrive below
+                elif buffer_file.exists():  # rolled out before a kill during the update
+                    records = read_records(buffer_file)
+                else:
+                    tasks = [
+                        train_tasks[(it * cfg.tasks_per_iteration + j) % len(train_tasks)]
+                        for j in range(cfg.tasks_per_iteration)
+                    ]
+                    loop_cfg = LoopConfig(
+                        trials=cfg.trials,
+                        max_steps=cfg.max_steps,
+                        temperature=cfg.temperature,
+                        batch_size=cfg.rollout_batch_size,
+                        seed=cfg.seed * 7919 + it,
+                        env_options=cfg.env_options,
+                    )
+                    records = rollouts.run(cfg.env, _unique(tasks), policy, loop_cfg).records
+                    write_records(buffer_file, records)
+                records = group.broadcast_object(records)
             loaded[it] = records
             t_rollout = time.perf_counter() - t0
             buffer = _buffer(buffer_dir, it, cfg, loaded)
@@ -240,27 +242,15 @@ def train_rl(
                 **update,
                 "rollout_seconds": round(t_rollout, 2),
             }
-            if cfg.eval_tasks and group.is_main:
-                ev = evaluate(
-                    cfg.env,
-                    policy,
-                    policy,
-                    split=cfg.eval_split,
-                    n_tasks=cfg.eval_tasks,
-                    config=LoopConfig(
-                        trials=cfg.eval_trials,
-                        max_steps=cfg.max_steps,
-                        env_options=cfg.env_options,
-                        batch_size=cfg.rollout_batch_size,
-                    ),
-                    show_progress=False,
-                )
-                row["eval"] = {k: ev[k] for k in ("IR", "FR", "AR", "per_trial_reward", "per_trial_success")}
+            with group.gathered(trainable.modules):
+                if cfg.eval_tasks and group.is_main:
+                    row["eval"] = _evaluate(cfg, policy)
             row["seconds"] = round(time.perf_counter() - t0, 2)
             # Logged before the checkpoint swap: a kill in between leaves a line that resume drops.
             metrics_log.log("iteration", it + 1, **row)
+            weights, optimizer_state = trainable.weights(), group.optimizer_state(optimizer)  # FSDP gathers
             if group.is_main:
-                _save_iteration(run, trainable, tokenizer, manifest, optimizer, cfg, it + 1)
+                _save_iteration(run, trainable, tokenizer, manifest, weights, optimizer_state, cfg, it + 1)
             row = group.broadcast_object(row)  # also holds the other ranks until RUN/latest is written
             history.append(row)
             if group.is_main:
@@ -270,6 +260,25 @@ def train_rl(
             rollouts.close()
         metrics_log.close()
     return history
+
+
+def _evaluate(cfg: RLConfig, policy: HFPolicy) -> dict[str, Any]:
+    """IR, FR, AR and per-trial figures of ``policy`` as planner and reflector on the fixed eval slice."""
+    ev = evaluate(
+        cfg.env,
+        policy,
+        policy,
+        split=cfg.eval_split,
+        n_tasks=cfg.eval_tasks,
+        config=LoopConfig(
+            trials=cfg.eval_trials,
+            max_steps=cfg.max_steps,
+            env_options=cfg.env_options,
+            batch_size=cfg.rollout_batch_size,
+        ),
+        show_progress=False,
+    )
+    return {k: ev[k] for k in ("IR", "FR", "AR", "per_trial_reward", "per_trial_success")}
 
 
 def _unique(tasks: Sequence[Any]) -> list[Any]:
@@ -288,7 +297,8 @@ def _save_iteration(
     trainable: Trainable,
     tokenizer: Any,
     manifest: Any,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     cfg: RLConfig,
     finished: int,
 ) -> None:
@@ -301,8 +311,9 @@ def _save_iteration(
         trainable,
         tokenizer,
         manifest.model_copy(update={"version": finished, "stage": "rl"}),
+        weights,
     )
-    save_state(staging / "optimizer.pt", {"optimizer": optimizer.state_dict()})
+    save_state(staging / "optimizer.pt", {"optimizer": optimizer_state})
     state = {
         "iteration": finished,
         "config": cfg.model_dump(exclude=RESUMABLE),
@@ -378,7 +389,7 @@ def _update(
                 l_il = _il_term(model, il_batch, cfg, pad_id, group)
                 loss = joint_loss(l_rl, l_il, cfg.lam)
                 finite = bool(torch.isfinite(loss))
-                if finite and loss.requires_grad:
+                if loss.requires_grad:  # even when not finite: under FSDP every rank runs every pass
                     loss.backward()
                 steps += 1
                 loss_rl, loss_il, ratio, clipped, entropy_sum, non_finite = group.sum_gradients(
@@ -427,7 +438,7 @@ def _rl_term(
 ) -> tuple[torch.Tensor, float, float, float]:
     """L_RL of this rank's share of ``batch`` (``targets``: loss tokens per sample), scaled to the
     whole batch, with this share's part of the batch's mean ratio, clipped fraction and entropy sum."""
-    part = group.share(batch)
+    part, weight = group.share_for_pass(batch)
     if not part:
         return torch.zeros(()), 0.0, 0.0, 0.0
     tokens = collate([s.prompt_ids for s in part], [s.output_ids for s in part], pad_id)
@@ -444,10 +455,10 @@ def _rl_term(
         normalisation=cfg.normalisation,
     )
     n_tok = sum(targets)
-    token_share = float(mask.sum()) / n_tok if n_tok else 1.0
-    entropy_sum = (entropy.detach() * mask).sum().item() if entropy is not None else 0.0
+    token_share = weight * float(mask.sum()) / n_tok if n_tok else weight
+    entropy_sum = weight * (entropy.detach() * mask).sum().item() if entropy is not None else 0.0
     return (
-        terms.loss * _share_of(group.share(targets), targets, cfg.normalisation),
+        terms.loss * weight * _share_of(group.share(targets), targets, cfg.normalisation),
         terms.mean_ratio * token_share,
         terms.clipped_fraction * token_share,
         entropy_sum,
@@ -458,12 +469,12 @@ def _il_term(
     model: torch.nn.Module, il_batch: list[ILExample], cfg: RLConfig, pad_id: int, group: ProcessGroup
 ) -> torch.Tensor | None:
     """L_IL of this rank's share of ``il_batch``, scaled to the whole batch; None when it has none."""
-    part = group.share(il_batch)
+    part, weight = group.share_for_pass(il_batch)
     if not part:
         return None
     tokens = collate_examples(part, pad_id)
     logp, _ = token_logprobs(model, tokens.tokens, where=tokens.loss_mask)
-    return il_loss(logp, tokens.loss_mask, cfg.normalisation) * _share_of(
+    return il_loss(logp, tokens.loss_mask, cfg.normalisation) * weight * _share_of(
         [e.n_target for e in part], [e.n_target for e in il_batch], cfg.normalisation
     )
 
