@@ -29,6 +29,7 @@ from retroact.models.checkpoint import (
     save_manifest,
 )
 from retroact.models.hf import load_causal_lm
+from retroact.train.fsdp import whole
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,19 @@ class Trainable:
         return [p for u in self.units for p in self.parameters(u)]
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Whole copies of the trained weights (keys ``unit/name``), for training state and export.
-
-        Under FSDP this gathers the shards: every rank must call it, in the same order."""
+        """The trained weights (keys ``unit/name``), whole, for training state and export: detached
+        views of the live weights, not copies (a full model's would double its memory at every
+        save), so write them before training on. Under FSDP this gathers the shards: every rank must
+        call it, in the same order. Tied weights (one parameter under two names) stay one tensor."""
         out: dict[str, torch.Tensor] = {}
         for unit, model in self._models.items():
-            named = model.state_dict() if self.finetune == "full" else self._adapter_params(unit)
+            full = self.finetune == "full"
+            named = model.state_dict(keep_vars=True) if full else self._adapter_params(unit)
+            once: dict[int, torch.Tensor] = {}
             for k, v in named.items():
-                v = v.detach()
-                out[f"{unit}/{k}"] = v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+                if id(v) not in once:
+                    once[id(v)] = whole(v.detach())
+                out[f"{unit}/{k}"] = once[id(v)]
         return out
 
     def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -245,9 +250,7 @@ def clip_and_step(
 ) -> float | None:
     """Clip the gradient norm and take an optimizer step; None (no step) when the norm is not finite."""
     with_grad = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(with_grad, grad_clip if grad_clip else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the gradient shards
-        norm = norm.full_tensor()
+    norm = whole(torch.nn.utils.clip_grad_norm_(with_grad, grad_clip if grad_clip else float("inf")))
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return None

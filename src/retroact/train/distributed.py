@@ -158,7 +158,7 @@ class ProcessGroup:
 
     def gathered(self, models: Sequence[torch.nn.Module]) -> contextlib.AbstractContextManager[None]:
         """A block in which ``models`` hold whole weights on every rank (under FSDP: every rank must
-        enter it), for rank 0's rollouts, evaluation and checkpoint export."""
+        enter it), for rank 0's rollouts and evaluation."""
         if self.fsdp is None:
             return contextlib.nullcontext()
         return fsdp.gathered(models, self.fsdp)

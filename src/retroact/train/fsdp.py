@@ -8,9 +8,9 @@ here; the trainers see the same calls as under DDP-style training. Three things 
   the whole batch already, so the shards are summed (divide factor 1), never averaged.
 - Every forward and backward pass gathers and scatters with all ranks, so all ranks must run the
   same passes: a rank with a smaller share of a step runs weight-0 passes (``share_batches``).
-- Rank 0 alone rolls out, evaluates and writes checkpoints, which need whole weights:
-  :func:`gathered` holds them on every rank meanwhile, and AdamW's moments are gathered for the
-  training state and re-sharded on resume.
+- Rank 0 alone rolls out and evaluates, which needs whole weights: :func:`gathered` holds them on
+  every rank meanwhile. For checkpoints the trained weights and AdamW's moments are gathered
+  (:func:`whole`) and written by rank 0; a resumed run re-shards the moments.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ class FSDPSettings:
     layer_classes: tuple[str, ...] = ()
     """Class names of the modules sharded as units (each decoder layer); empty: the model's
     ``_no_split_modules``."""
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a DTensor (an FSDP shard) the whole tensor: a collective every rank must join."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def shard(model: torch.nn.Module, settings: FSDPSettings) -> None:
@@ -59,8 +64,8 @@ def shard(model: torch.nn.Module, settings: FSDPSettings) -> None:
 @contextmanager
 def gathered(models: Sequence[torch.nn.Module], settings: FSDPSettings) -> Iterator[None]:
     """Whole weights in every sharded module of ``models`` until the block ends, so that one rank
-    alone can run forward passes (rollouts, evaluation) and read every weight (checkpoints).
-    Every rank must enter it: gathering is a collective."""
+    alone can run forward passes (rollouts, evaluation). Every rank must enter it: gathering is a
+    collective. Inside it, read weights from the parameters: FSDP's ``state_dict`` hook re-shards."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [(m, m is model) for model in models for m in model.modules() if isinstance(m, FSDPModule)]
@@ -79,7 +84,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with whole moments instead of this rank's shards (a collective)."""
     state = optimizer.state_dict()  # its per-parameter dicts are the live ones: build new ones
     state["state"] = {
-        index: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in moments.items()}
+        index: {k: whole(v) if torch.is_tensor(v) else v for k, v in moments.items()}
         for index, moments in state["state"].items()
     }
     return state

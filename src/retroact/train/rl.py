@@ -242,9 +242,10 @@ def train_rl(
                 **update,
                 "rollout_seconds": round(t_rollout, 2),
             }
-            with group.gathered(trainable.modules):
-                if cfg.eval_tasks and group.is_main:
-                    row["eval"] = _evaluate(cfg, policy)
+            if cfg.eval_tasks:
+                with group.gathered(trainable.modules):
+                    if group.is_main:
+                        row["eval"] = _evaluate(cfg, policy)
             row["seconds"] = round(time.perf_counter() - t0, 2)
             # Logged before the checkpoint swap: a kill in between leaves a line that resume drops.
             metrics_log.log("iteration", it + 1, **row)
