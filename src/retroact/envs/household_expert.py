@@ -169,12 +169,17 @@ def _search_plan(n: Notes, kind: str) -> str:
     """Where the agent will look for ``kind``, spelled out: the place it was seen, or the whole search order.
 
     Naming every place once, in order, turns each later ``go to`` into copying the next name of this line.
+    The order opens with the places of the likely types, so the thought first names those types (as
+    ReAct's ALFWorld thoughts do): each place of the plan is then a copy from this line or the room's list.
     """
     hit = n.locate(kind)
     places = [hit[0]] if hit else n.search_order(kind)
     if len(places) < 2:
         return f"I will go to {places[0] if places else 'the room'}"
-    return f"I will check {_join(places)}, in this order"
+    in_room = {kind_of(p) for p in places} - {n.goal.target}
+    likely = [t for t in LIKELY_PLACES.get(kind, ()) if t in in_room]
+    prior = f"{_a(kind).capitalize()} is more likely to appear in {_join(likely)}. " if likely else ""
+    return f"{prior}I will check {_join(places)}, in this order"
 
 
 def _start_thought(n: Notes) -> str:
@@ -199,7 +204,7 @@ def _took_thought(n: Notes) -> str:
         if lamp:
             step = f"I will use the {lamp[1]} in {lamp[0]}"
         else:
-            step = f"for {_a(LAMP)}, {_search_plan(n, LAMP)}"
+            step = f"I need {_a(LAMP)}. {_search_plan(n, LAMP)}"
     else:
         step = f"I will put it in/on {n.first(g.target)}"
     return f"think: Now I have the {n.holding}. Next, {step}."
@@ -215,8 +220,8 @@ def plan(view: PlannerView) -> str:
     if last is not None and last.verb == "take" and obs.startswith("You pick up"):
         return _took_thought(n)
     if last is not None and last.verb == "put" and obs.startswith("You put") and n.goal.kind == "puttwo":
-        return (f"think: Now one {n.goal.obj} is in/on {n.first(n.goal.target)}. For the second "
-                f"{n.goal.obj}, {_search_plan(n, n.goal.obj)}.")
+        return (f"think: Now one {n.goal.obj} is in/on {n.first(n.goal.target)}. I need another "
+                f"{n.goal.obj}. {_search_plan(n, n.goal.obj)}.")
     return str(next_action(n))
 
 
