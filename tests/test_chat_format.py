@@ -190,12 +190,12 @@ class Replay:
         out = []
         for gen in self.expert.generate(requests, sampling):
             ids = self.enc.encode(gen.text, "model")
-            out.append(Generation(gen.text, ids, [-1.0] * len(ids)))
+            out.append(Generation(gen.text, ids, [-1.0] * len(ids), mistake=gen.mistake))
         return out
 
 
 def replay_experts(enc: SegmentEncoder) -> tuple[Replay, Replay]:
-    planner, reflector = get_spec("household").experts()
+    planner, reflector = get_spec("household").experts(mistakes=0.3)
     return Replay(planner, enc), Replay(reflector, enc)
 
 
@@ -208,9 +208,11 @@ def test_student_encoding_of_expert_text_matches_the_loop(
     enc = SegmentEncoder(tok)
     tasks = list_tasks("household", "train", 6, 0)
     cfg = LoopConfig(trials=2, max_steps=6)  # short trials: some fail and get reflections
-    text = run_trials("household", tasks, *get_spec("household").experts(), cfg).records
+    # with deliberate mistakes: written in the model's place, masked like env text
+    text = run_trials("household", tasks, *get_spec("household").experts(mistakes=0.3), cfg).records
     tokens = run_trials("household", tasks, *replay_experts(enc), cfg).records
     assert len(text) == len(tokens) and any(r.role == "reflector" for r in text)
+    assert any(s.kind == "mistake" for r in text for s in r.segments)
     encoded = enc.encode_records([(r.prompt, [(s.kind, s.text) for s in r.segments]) for r in text])
     for rec, want, got in zip(text, tokens, encoded, strict=True):
         assert not rec.tokenized and rec.prompt == want.prompt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from retroact.agent.loop import LoopConfig
@@ -12,6 +13,8 @@ from retroact.agent.records import read_records
 from retroact.cli import app
 from retroact.data.collect import collect
 from retroact.envs import get_spec
+from retroact.eval.experiment import CollectSettings
+from retroact.models import load_policies
 
 
 def _experts():  # type: ignore[no-untyped-def]
@@ -79,3 +82,21 @@ def test_cli_collect_and_eval(tmp_path: Path) -> None:
         results["IR"] == results["per_trial_reward"][0] and results["FR"] == results["per_trial_reward"][-1]
     )
     assert "IR" in res.output and (tmp_path / "eval" / "trajectories.jsonl").exists()
+
+
+def test_mistakes_are_counted_and_only_the_scripted_expert_makes_them(tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["collect", "--env", "household", "--tasks", "20", "--trials", "2", "--out", str(tmp_path / "d")]
+    res = runner.invoke(app, [*args, "--mistakes", "0.3"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads((tmp_path / "d" / "stats.json").read_text())
+    kept = read_records(tmp_path / "d" / "planner.jsonl")
+    in_kept = sum(s.kind == "mistake" for r in kept for s in r.segments)
+    assert stats["mistakes"] == {"written": stats["mistakes"]["written"], "in_kept": in_kept}
+    assert stats["mistakes"]["written"] >= in_kept > 0
+    res = runner.invoke(app, [*args, "--mistakes", "0.3", "--expert", "openai:gpt-4"])
+    assert res.exit_code != 0 and "--mistakes" in res.output
+    with pytest.raises(ValueError, match="hotpotqa expert does not take"):
+        load_policies("hotpotqa", "expert", "expert", expert_options={"mistakes": 0.1})
+    with pytest.raises(ValueError, match="only the scripted expert"):
+        CollectSettings(expert="openai:gpt-4", mistakes=0.1)

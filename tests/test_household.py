@@ -411,6 +411,36 @@ def test_expert_thoughts_and_lines_are_short_and_never_repeat() -> None:
     assert result.n_repeat_stops == 0
 
 
+def test_expert_mistakes_are_marked_answered_nothing_and_recovered_from() -> None:
+    train = tasks("train", 80, 0)
+    plain = run_trials("household", train, *SPEC.experts(), LoopConfig(trials=2))
+    noisy = run_trials("household", train, *SPEC.experts(mistakes=0.3, seed=1), LoopConfig(trials=2))
+    again = run_trials("household", train, *SPEC.experts(mistakes=0.3, seed=1), LoopConfig(trials=2))
+    assert [r.output for r in again.records] == [r.output for r in noisy.records]  # seeded, repeatable
+    assert [r.output for r in run_trials("household", train, *SPEC.experts(mistakes=0.0, seed=1),
+                                         LoopConfig(trials=2)).records] == [r.output for r in plain.records]
+    n_mistakes = 0
+    for rec in noisy.records:
+        segs = rec.segments
+        for i, seg in enumerate(segs):
+            if seg.kind != "mistake":
+                continue
+            n_mistakes += 1
+            a = parse_action(seg.text)
+            assert a is not None and a.verb in ("take", "go"), seg.text
+            room = room_receptacles(rec.prompt)
+            assert (a.place not in room) if a.verb == "go" else (a.place in room)
+            assert segs[i + 1].kind == "env" and segs[i + 1].text.startswith("Nothing happens.")
+            if i + 2 < len(segs):  # the step limit may end a trial on a mistake
+                # Never twice in a row: the expert's own line follows.
+                assert segs[i + 2].kind == "model" and parse_action(segs[i + 2].text) is not None
+    assert n_mistakes >= 40
+    assert noisy.n_errors == 0 and noisy.n_repeat_stops == 0
+    # Mistakes cost steps, so fewer trials succeed, but most still do.
+    first = noisy.per_trial_success[0]
+    assert 0.4 <= first < plain.per_trial_success[0]
+
+
 def test_spec_registration_and_prompts() -> None:
     spec = get_spec("household")
     assert spec is SPEC and spec.memory_size == 3 and 20 <= spec.max_steps <= 30

@@ -117,6 +117,27 @@ def test_trajectory_scope_counts_every_output_token(tmp_path: Path, tokenizer) -
     assert all(ex.target_mask == [1] * len(ex.output_ids) for ex in data.examples)
 
 
+def test_mistake_lines_are_read_but_never_trained_on(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    rec = planner_record(0, random.Random(0))
+    mistake = [OutputSegment(kind="mistake", text="take mug 2 from desk 1\n"),
+               OutputSegment(kind="env", text="Nothing happens.\n> ")]
+    rec = rec.model_copy(update={"segments": rec.segments[:2] + mistake + rec.segments[2:]})
+    write_records(tmp_path / "planner.jsonl", [rec])
+    for scope, trained in (("model_tokens", {"model"}), ("trajectory", {"model", "env"})):
+        (ex,) = load_role_data(tmp_path, "planner", tokenizer, max_length=4096, loss_scope=scope).examples
+        want_ids: list[int] = []
+        want_mask: list[int] = []
+        for seg in rec.segments:
+            ids = tokenizer.encode(seg.text, add_special_tokens=False)
+            want_ids += ids
+            want_mask += [int(seg.kind in trained)] * len(ids)
+        # The student reads the mistake as its own line (same ids in context) but has no target on it.
+        assert ex.output_ids == want_ids and ex.target_mask == want_mask, scope
+        start = sum(len(tokenizer.encode(s.text, add_special_tokens=False)) for s in rec.segments[:2])
+        n = len(tokenizer.encode(mistake[0].text, add_special_tokens=False))
+        assert ex.target_mask[start : start + n] == [0] * n
+
+
 def test_tokenised_records_keep_their_ids(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     # Ids that are not what the text would tokenise to: they must be used verbatim.
     rec = reflector_record(0, random.Random(0)).model_copy(

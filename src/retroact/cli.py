@@ -136,6 +136,15 @@ def collect_cmd(
             min=0, help="openai: stop after this many API requests (rerun to go on; OUT/expert_cache.jsonl)."
         ),
     ] = None,
+    mistakes: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.99,
+            help="Scripted household expert: probability of a deliberate mistake at a step that has one; "
+            "IL trains on the recovery, never on the mistake (docs/il.md).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Run an expert as planner and reflector and keep the evaluator-approved IL samples."""
     from rich.progress import Progress
@@ -144,8 +153,16 @@ def collect_cmd(
     from retroact.models import load_policies
     from retroact.models.openai_policy import BudgetExhausted
 
+    if mistakes and expert != "expert":
+        raise typer.BadParameter(
+            "only the scripted expert (--expert expert) makes mistakes", param_hint="--mistakes"
+        )
     planner_policy, reflector_policy = load_policies(
-        env, expert, expert, api_options={"strict": True, "max_requests": max_requests}
+        env,
+        expert,
+        expert,
+        api_options={"strict": True, "max_requests": max_requests},
+        expert_options={"mistakes": mistakes, "seed": seed} if mistakes else None,
     )
     cfg = _loop_config(trials, max_steps, 0.0, seed, batch_size, fewshot=not expert == "expert")
     with Progress(console=console, transient=True) as progress:
@@ -168,6 +185,7 @@ def collect_cmd(
     console.print(
         f"episodes {stats['episodes']}, trial-1 success {stats['trial1_success']:.1%}, "
         f"kept {stats['kept']}, dropped {stats['dropped']}"
+        + (f", mistakes {stats['mistakes']}" if mistakes else "")
     )
     if "expert_calls" in stats:
         calls = stats["expert_calls"]

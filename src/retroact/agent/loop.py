@@ -199,7 +199,8 @@ class _Runner:
         if gen.finish_reason == "context":
             ep.done = ep.context_full = True
             return
-        ep.segments.append(Segment("model", gen.text, gen.token_ids, gen.logprobs))
+        kind: SegmentKind = "mistake" if gen.mistake else "model"
+        ep.segments.append(Segment(kind, gen.text, gen.token_ids, gen.logprobs))
         action = clean_action(gen.text)
         self.stats["actions"] += 1
         if action and action == ep.last_action:

@@ -22,7 +22,8 @@ from retroact.models.base import Segment
 
 class OutputSegment(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["model", "env"]
+    kind: Literal["model", "env", "mistake"]
+    """``mistake``: a deliberate wrong line of a scripted expert, in context but never trained on."""
     text: str
 
 

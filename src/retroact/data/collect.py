@@ -66,6 +66,11 @@ def _drop_reason(rec: TrajectoryRecord) -> str | None:
     return None if rec.success else "next trial failed"
 
 
+def _mistakes(records: Iterable[TrajectoryRecord]) -> int:
+    """Deliberate mistake lines of a scripted expert (``collect --mistakes``)."""
+    return sum(seg.kind == "mistake" for rec in records for seg in rec.segments)
+
+
 def _zero_shot(rec: TrajectoryRecord) -> TrajectoryRecord:
     """The student's sample: the expert's few-shot exemplars cut from the prompt (SPEC §2.3), and
     the expert's token ids dropped (the student tokenises the text its own way)."""
@@ -154,6 +159,7 @@ def collect(
         "solved": len({r.task_id for r in planner_trials if r.success}),
         "trial1_success": sum(r.success for r in first) / max(len(first), 1),
         "kept": {"planner": len(planner_recs), "reflector": len(reflector_recs)},
+        "mistakes": {"written": _mistakes(planner_trials), "in_kept": _mistakes(planner_recs)},
         "dropped": {role: {k: v for k, v in c.items() if k != "kept"} for role, c in why.items()},
         "config": cfg.model_dump(),
     }

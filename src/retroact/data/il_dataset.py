@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from retroact.agent.records import TrajectoryRecord, iter_records
-from retroact.models.base import Role
+from retroact.models.base import Role, SegmentKind
 from retroact.models.chat import SegmentEncoder
 from retroact.models.logprobs import TokenBatch, collate
 
@@ -131,8 +131,11 @@ def load_role_data(
 
     # Text records are encoded as the agent loop would for this tokenizer's prompt format (raw or
     # chat, see models/chat.py), all pieces in one tokenizer call.
+    # ``trajectory`` trains on observations too, as the reference code did, but never on a scripted
+    # expert's deliberate mistakes (only text records have those).
     text_records = [(r.prompt, [(s.kind, s.text) for s in r.segments]) for _, r in records if not r.tokenized]
-    encoded = iter(SegmentEncoder(tokenizer).encode_records(text_records))
+    trained: tuple[SegmentKind, ...] = ("model", "env") if loss_scope == "trajectory" else ("model",)
+    encoded = iter(SegmentEncoder(tokenizer).encode_records(text_records, trained))
     vocab = len(tokenizer)
     for where, rec in records:
         if rec.tokenized:
@@ -141,10 +144,10 @@ def load_role_data(
             mask = list(rec.loss_mask or [])
             if max(prompt + output, default=0) >= vocab:
                 raise ILDataError(f"{where}: token id beyond the tokenizer's vocabulary ({vocab})")
+            if loss_scope == "trajectory":
+                mask = [1] * len(output)
         else:
             prompt, output, mask = next(encoded)
-        if loss_scope == "trajectory":
-            mask = [1] * len(output)
         if not prompt:
             raise ILDataError(f"{where}: empty prompt and the tokenizer has no BOS token to condition on")
         if len(prompt) + len(output) > max_length:

@@ -11,6 +11,7 @@ so a small model can learn to imitate it.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -250,6 +251,30 @@ def reflect(view: ReflectorView) -> str:
     return f"{text} Next time I will start with {start}."
 
 
-def experts() -> tuple[ScriptedPolicy, ScriptedPolicy]:
-    """(planner, reflector) scripted experts for the household env."""
-    return ScriptedPolicy("expert:household", plan), ScriptedPolicy("expert:household", reflect)  # type: ignore[arg-type]
+def mistake(view: PlannerView, rng: random.Random) -> str | None:
+    """A wrong line a small student tends to write here, or None.
+
+    The two commonest first deviations of the demo's IL agent from the expert (docs/il.md): taking
+    the sought object from a place that showed none, and going to a place the room does not have.
+    Only while searching, empty-handed, at an open place without the object, and never twice in a
+    row. Both get "Nothing happens.", and the expert's next line is the recovery a student learns.
+    """
+    n = read(view.first_observation, view.history, view.memory)
+    if n.holding or not n.at or n.closed or view.history[-1][1] == "Nothing happens.":
+        return None
+    if any(kind_of(item) == n.goal.obj for item in n.seen.get(n.at, [])):
+        return None
+    if rng.random() < 0.5:
+        return f"take {n.goal.obj} {rng.randint(1, 3)} from {n.at}"
+    kind = kind_of(rng.choice(n.places))
+    return f"go to {kind} {max(number_of(p) for p in n.places if kind_of(p) == kind) + 1}"
+
+
+def experts(mistakes: float = 0.0, seed: int = 0) -> tuple[ScriptedPolicy, ScriptedPolicy]:
+    """(planner, reflector) scripted experts for the household env.
+
+    ``mistakes``: the probability that the planner writes a :func:`mistake` at a step that has one
+    (see :class:`~retroact.models.scripted.ScriptedPolicy`); 0 for the plain expert.
+    """
+    planner = ScriptedPolicy("expert:household", plan, mistake=mistake, mistake_rate=mistakes, seed=seed)  # type: ignore[arg-type]
+    return planner, ScriptedPolicy("expert:household", reflect)  # type: ignore[arg-type]

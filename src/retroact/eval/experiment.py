@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 
 from retroact.agent.loop import LoopConfig
@@ -68,6 +68,19 @@ class CollectSettings(BaseModel):
     tasks: int = Field(300, ge=1, description="Train tasks the expert runs on.")
     trials: int = Field(3, ge=1)
     expert: str = Field("expert", description="`expert` (scripted), `openai:MODEL` or a model path.")
+    mistakes: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Scripted household expert: probability of a deliberate mistake at a step that has "
+        "one; IL trains on the recovery, never on the mistake (`collect --mistakes`, docs/il.md).",
+    )
+
+    @model_validator(mode="after")
+    def _mistakes_need_scripted(self) -> CollectSettings:
+        if self.mistakes and self.expert != "expert":
+            raise ValueError("mistakes: only the scripted expert (`expert: expert`) makes mistakes")
+        return self
 
 
 class EvalSettings(BaseModel):
@@ -161,7 +174,8 @@ class Experiment:
 
             c = self.cfg.collect
             self._stage(f"collect expert data ({c.tasks} train tasks, {c.trials} trials)")
-            planner, reflector = load_policies(self.cfg.env, c.expert, c.expert)
+            options = {"mistakes": c.mistakes, "seed": seed} if c.mistakes else None
+            planner, reflector = load_policies(self.cfg.env, c.expert, c.expert, expert_options=options)
             loop = LoopConfig(
                 trials=c.trials, seed=seed, env_options=self.cfg.env_options, fewshot=c.expert != "expert"
             )

@@ -9,15 +9,20 @@ from retroact.models.base import Policy
 
 
 def load_policies(
-    env: str, planner: str, reflector: str, *, api_options: Mapping[str, Any] | None = None
+    env: str,
+    planner: str,
+    reflector: str,
+    *,
+    api_options: Mapping[str, Any] | None = None,
+    expert_options: Mapping[str, Any] | None = None,
 ) -> tuple[Policy, Policy | None]:
     """Resolve ``--planner`` / ``--reflector`` strings; one name given twice loads one policy.
 
     ``api_options`` are extra :class:`~retroact.models.openai_policy.OpenAIPolicy` arguments for
-    ``openai:MODEL`` (e.g. ``cache``, ``max_requests``, ``strict``). Paths and hub names load as
-    :class:`~retroact.models.hf.HFPolicy` in the prompt format stored with their tokenizer.
+    ``openai:MODEL`` (e.g. ``cache``, ``max_requests``, ``strict``); ``expert_options`` are the
+    env's ``experts(**options)`` for ``expert`` (e.g. household's ``mistakes``). Paths and hub
+    names load as :class:`~retroact.models.hf.HFPolicy` in the prompt format stored with their tokenizer.
     """
-    from retroact.envs import get_spec
 
     experts: tuple[Policy, Policy] | None = None
     loaded: dict[str, Policy] = {}
@@ -29,7 +34,7 @@ def load_policies(
                 raise ValueError("--planner cannot be 'none'")
             return None
         if name == "expert":
-            experts = experts or get_spec(env).experts()
+            experts = experts or _experts(env, expert_options or {})
             return experts[0] if role == "planner" else experts[1]
         if name not in loaded:
             if name.startswith("openai:"):
@@ -45,3 +50,12 @@ def load_policies(
     planner_policy = resolve(planner, "planner")
     assert planner_policy is not None
     return planner_policy, resolve(reflector, "reflector")
+
+
+def _experts(env: str, options: Mapping[str, Any]) -> tuple[Policy, Policy]:
+    from retroact.envs import get_spec
+
+    try:
+        return get_spec(env).experts(**options)
+    except TypeError as err:  # an option this env's expert does not have
+        raise ValueError(f"the {env} expert does not take the options {dict(options)}: {err}") from None

@@ -16,7 +16,11 @@ if TYPE_CHECKING:
     from retroact.envs.base import Task
 
 Role = Literal["planner", "reflector"]
-SegmentKind = Literal["prompt", "model", "env"]
+SegmentKind = Literal["prompt", "model", "env", "mistake"]
+"""``mistake``: a wrong line a scripted expert wrote on purpose in the model's place (collection
+noise, see data/collect.py). A student reads it as its own line but is never trained to write it."""
+WRITTEN: tuple[SegmentKind, ...] = ("model", "mistake")
+"""Kinds written in the model's place (formatted as the model's text, e.g. in an assistant turn)."""
 
 
 @dataclass
@@ -80,6 +84,8 @@ class Generation:
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
     """Log-prob of each sampled token under the sampling distribution, recorded at sampling time."""
+    mistake: bool = False
+    """A wrong line written on purpose (see ``SegmentKind``); the loop records it as a ``mistake``."""
     finish_reason: Literal["stop", "length", "eos", "context", "error"] = "stop"
     """``context``: the request (plus ``max_new_tokens``) does not fit the model; nothing was sampled."""
     error: str | None = None

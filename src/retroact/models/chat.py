@@ -21,11 +21,11 @@ IL and RL checkpoints inherit it. A tokenizer without the key is ``raw``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
-from retroact.models.base import Generation, SegmentKind
+from retroact.models.base import WRITTEN, Generation, SegmentKind
 
 if TYPE_CHECKING:  # text-only backends use split_prefix without loading transformers
     from transformers import PreTrainedTokenizerBase
@@ -110,7 +110,7 @@ class SegmentEncoder:
 
     def text(self, text: str, kind: SegmentKind) -> str:
         """The string that is tokenised for a segment (the template's markers included)."""
-        if self.chat is None or kind == "model":
+        if self.chat is None or kind in WRITTEN:
             return text
         lines, prefix = split_prefix(text)
         opening = self.chat.head if kind == "prompt" else self.chat.to_user
@@ -119,7 +119,7 @@ class SegmentEncoder:
     def tokenised(self, text: str, kind: SegmentKind) -> str:
         """:meth:`text` less the trailing space a context leaves to the model (``space_to_model``)."""
         full = self.text(text, kind)
-        return full[:-1] if self.space_to_model and kind != "model" and full.endswith(" ") else full
+        return full[:-1] if self.space_to_model and kind not in WRITTEN and full.endswith(" ") else full
 
     def encode(self, text: str, kind: SegmentKind) -> list[int]:
         return self.encode_many([(text, kind)])[0]
@@ -144,9 +144,11 @@ class SegmentEncoder:
         return ids
 
     def encode_records(
-        self, records: Sequence[tuple[str, Sequence[tuple[SegmentKind, str]]]]
+        self,
+        records: Sequence[tuple[str, Sequence[tuple[SegmentKind, str]]]],
+        trained: Collection[SegmentKind] = ("model",),
     ) -> list[tuple[list[int], list[int], list[int]]]:
-        """Prompt ids, output ids and loss mask (1 on model tokens) of text-only records.
+        """Prompt ids, output ids and loss mask (1 on the tokens of ``trained`` kinds) of text-only records.
 
         ``records`` are (prompt, [(kind, text), ...]) pairs; all pieces go through one tokenizer
         call. The result is exactly what the agent loop builds for a policy of this tokenizer and
@@ -156,7 +158,7 @@ class SegmentEncoder:
         for prompt, segments in records:
             pieces.append((prompt, "prompt"))
             for kind, text in segments:
-                pieces.append((self.model_text(text, pieces[-1]) if kind == "model" else text, kind))
+                pieces.append((self.model_text(text, pieces[-1]) if kind in WRITTEN else text, kind))
         ids = iter(self.encode_many(pieces))
         out = []
         for _, segments in records:
@@ -164,7 +166,7 @@ class SegmentEncoder:
             for kind, _ in segments:
                 piece = next(ids)
                 output.extend(piece)
-                mask.extend([int(kind == "model")] * len(piece))
+                mask.extend([int(kind in trained)] * len(piece))
             out.append((prompt_ids, output, mask))
         return out
 

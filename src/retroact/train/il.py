@@ -119,7 +119,8 @@ class ILConfig(BaseModel):
     loss_scope: LossScope = Field(
         "model_tokens",
         description="`model_tokens`: NLL on model-written tokens only. `trajectory`: on the whole output, "
-        "observations included (the reference code). Prompt tokens never count.",
+        "observations included (the reference code). Prompt tokens and an expert's deliberate mistakes "
+        "(`collect --mistakes`) never count.",
     )
     grad_clip: float | None = Field(
         1.0, gt=0, description="Clip the gradient norm to this; null: no clipping."
