@@ -194,8 +194,8 @@ class Replay:
         return out
 
 
-def replay_experts(enc: SegmentEncoder) -> tuple[Replay, Replay]:
-    planner, reflector = get_spec("household").experts(mistakes=0.3)
+def replay_experts(enc: SegmentEncoder, mistakes: float = 0.0) -> tuple[Replay, Replay]:
+    planner, reflector = get_spec("household").experts(mistakes=mistakes)
     return Replay(planner, enc), Replay(reflector, enc)
 
 
@@ -210,7 +210,7 @@ def test_student_encoding_of_expert_text_matches_the_loop(
     cfg = LoopConfig(trials=2, max_steps=6)  # short trials: some fail and get reflections
     # with deliberate mistakes: written in the model's place, masked like env text
     text = run_trials("household", tasks, *get_spec("household").experts(mistakes=0.3), cfg).records
-    tokens = run_trials("household", tasks, *replay_experts(enc), cfg).records
+    tokens = run_trials("household", tasks, *replay_experts(enc, mistakes=0.3), cfg).records
     assert len(text) == len(tokens) and any(r.role == "reflector" for r in text)
     assert any(s.kind == "mistake" for r in text for s in r.segments)
     encoded = enc.encode_records([(r.prompt, [(s.kind, s.text) for s in r.segments]) for r in text])
