@@ -132,7 +132,8 @@ def load_role_data(
     # Text records are encoded as the agent loop would for this tokenizer's prompt format (raw or
     # chat, see models/chat.py), all pieces in one tokenizer call.
     # ``trajectory`` trains on observations too, as the reference code did, but never on a scripted
-    # expert's deliberate mistakes (only text records have those).
+    # expert's deliberate mistakes. Only text records can tell those apart (the shipped experts that
+    # make them are text-only); a tokenised record's mask does not say which 0s were mistakes.
     text_records = [(r.prompt, [(s.kind, s.text) for s in r.segments]) for _, r in records if not r.tokenized]
     trained: tuple[SegmentKind, ...] = ("model", "env") if loss_scope == "trajectory" else ("model",)
     encoded = iter(SegmentEncoder(tokenizer).encode_records(text_records, trained))

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from retroact.envs import household
-from retroact.envs.alfworld_text import clean_observation, parse_action
+from retroact.envs.alfworld_text import NOTHING, clean_observation, parse_action
 from retroact.envs.base import EnvSpec, PromptStyle, StepResult, Task, clean_action, seeded_sample
 from retroact.paths import data_root
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 MAX_STEPS = 50
 SPLITS = {"train": "valid_train", "valid_seen": "valid_seen", "test": "valid_unseen"}
 """Our split name -> ALFWorld's folder under ``json_2.1.1``."""
-NOTHING = "Nothing happens."
 INSTALL_HINT = ("install it with scripts/install_alfworld.sh (alfworld 0.3.5 and textworld 1.7.0 without "
                 "the 3D simulator's dependencies; see docs/alfworld.md)")
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from retroact.envs.alfworld import NOTHING, Game, alfworld_data, game_path
-from retroact.envs.alfworld_text import LIKELY_PLACES, TOOLS, Goal, kind_of, parse_action
+from retroact.envs.alfworld import Game, alfworld_data, game_path
+from retroact.envs.alfworld_text import LIKELY_PLACES, NOTHING, TOOLS, Goal, kind_of, parse_action
 from retroact.envs.household_expert import Notes, next_action, read, reflect
 from retroact.models.base import PlannerView, Policy
 from retroact.models.scripted import ScriptedPolicy

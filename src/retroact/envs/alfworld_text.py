@@ -14,6 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+NOTHING = "Nothing happens."
+"""The engine's answer to an action it cannot carry out."""
+
 # Verb -> canonical command; ``{obj}`` is an object ("apple 1"), ``{place}`` a receptacle ("fridge 1").
 COMMANDS = {
     "go": "go to {place}",

@@ -15,6 +15,7 @@ from functools import cache
 from retroact.envs.alfworld_text import (
     LAMP,
     LIKELY_PLACES,
+    NOTHING,
     TASK_KINDS,
     TOOLS,
     Action,
@@ -295,7 +296,7 @@ class HouseholdEnv:
         parsed = parse_action(clean_action(action))
         obs = None if self.done or parsed is None else self.world.act(parsed)
         if obs is None:
-            return StepResult("Nothing happens.", done=self.done, info={"valid": False})
+            return StepResult(NOTHING, done=self.done, info={"valid": False})
         if self.world.solved():
             self.done = True
             return StepResult(obs, reward=1.0, done=True, info={"valid": True, "success": True})

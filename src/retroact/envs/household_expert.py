@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from retroact.envs.alfworld_text import (
     LAMP,
     LIKELY_PLACES,
+    NOTHING,
     TOOLS,
     Action,
     Goal,
@@ -113,7 +114,7 @@ def read(first_observation: str, history: Sequence[tuple[str, str]], memory: Seq
             n.checked.setdefault(m["kind"], []).extend(_PLACE.findall(m["places"]))
     for line, obs in history:
         a = parse_action(line)
-        if a is None or obs == "Nothing happens.":
+        if a is None or obs == NOTHING:
             continue
         if a.verb in ("go", "open"):
             n.at = a.place
@@ -260,7 +261,7 @@ def mistake(view: PlannerView, rng: random.Random) -> str | None:
     row. Both get "Nothing happens.", and the expert's next line is the recovery a student learns.
     """
     n = read(view.first_observation, view.history, view.memory)
-    if n.holding or not n.at or n.closed or view.history[-1][1] == "Nothing happens.":
+    if n.holding or not n.at or n.closed or view.history[-1][1] == NOTHING:
         return None
     if any(kind_of(item) == n.goal.obj for item in n.seen.get(n.at, [])):
         return None

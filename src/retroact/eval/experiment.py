@@ -165,7 +165,9 @@ class Experiment:
     # Paths are pure functions of the settings; the methods without ``_path`` also make them.
     def data_path(self, seed: int) -> Path:
         c = self.cfg.collect
-        return self.out / f"seed{seed}" / f"data-{_key([self.cfg.env, self.cfg.env_options, c.model_dump()])}"
+        # Without mistakes, the key the settings had before `mistakes` existed: earlier runs stay cached.
+        settings = c.model_dump(exclude={"mistakes"} if not c.mistakes else None)
+        return self.out / f"seed{seed}" / f"data-{_key([self.cfg.env, self.cfg.env_options, settings])}"
 
     def data_dir(self, seed: int) -> Path:
         path = self.data_path(seed)
