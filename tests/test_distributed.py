@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from retroact.agent.loop import LoopConfig
-from retroact.agent.records import read_records, write_records
+from retroact.agent.records import TrajectoryRecord, read_records, write_records
 from retroact.data.collect import collect
 from retroact.envs import get_spec
 from retroact.train.distributed import SINGLE, DistributedError, ProcessGroup, process_group
@@ -115,12 +117,14 @@ def test_launch_modes_the_trainers_do_not_honour_are_refused(
         process_group.cache_clear()
 
 
-def _launch(tmp_path: Path, launch_config: str, *args: object) -> None:
-    """``retroact ARGS`` on two gloo CPU processes, at low priority (other jobs share the cores)."""
+def _launch(tmp_path: Path, launch_config: str, *commands: list[object]) -> None:
+    """``retroact COMMAND`` for each command in turn, in one launch of two gloo CPU processes (the
+    start-up of the launcher and both ranks is most of a launch's time), at low priority."""
     cmd = [
         "nice", "-n", "15", sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "configs" / "accelerate" / launch_config),
-        "--main_process_port", str(_free_port()), "-m", "retroact.cli", *map(str, args),
+        "--main_process_port", str(_free_port()), str(REPO / "tests" / "cli_sequence.py"),
+        *(shlex.join(map(str, command)) for command in commands),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
@@ -141,62 +145,83 @@ def _launch(tmp_path: Path, launch_config: str, *args: object) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
+class Reference(NamedTuple):
+    """One-process runs the launched ones must match (shared by the launch modes: they read it only)."""
+
+    model: Path
+    data: Path
+    il: Path
+    il_config: Path
+    records: list[TrajectoryRecord]  # a buffer prepared for RL iteration 0
+    rl: dict[str, object]
+    rl_run: Path
+    history: list[dict]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    root = tmp_path_factory.mktemp("one-process")
+    model = make_tiny_model(root)
+    planner, reflector = get_spec("household").experts()
+    data = root / "data"
+    collect("household", planner, reflector, data, n_tasks=8, config=LoopConfig(trials=2))
+    il_config = root / "il.yaml"
+    il_config.write_text(yaml.safe_dump(IL))
+    train_il(data, model, root / "il", ILConfig.model_validate(IL), progress=False)
+    # One rollout; its buffer, with non-zero rewards so that L_RL counts, feeds both updates
+    # (a buffer file without a checkpoint is what a kill during the update leaves: it is reused).
+    train_rl(root / "il", data, root / "rollout", RLConfig.model_validate(RL))
+    records = [
+        r.model_copy(update={"reward": (i % 3) / 2, "next_reward": None if r.role == "planner" else i % 2})
+        for i, r in enumerate(read_records(root / "rollout" / "buffer" / "iter_0000.jsonl"))
+    ]
+    write_records(root / "rl" / "buffer" / "iter_0000.jsonl", records)
+    rl = {**RL, "iterations": 2, "eval_tasks": 1}
+    history = train_rl(root / "il", data, root / "rl", RLConfig.model_validate(rl))
+    return Reference(model, data, root / "il", il_config, records, rl, root / "rl", history)
+
+
 @pytest.mark.parametrize("launch_config", ["cpu-2proc.yaml", "cpu-2proc-fsdp.yaml"])
-def test_two_processes_match_one(tmp_path: Path, launch_config: str) -> None:
+def test_two_processes_match_one(tmp_path: Path, launch_config: str, reference: Reference) -> None:
     """DDP-style and FSDP2 launches. RL: iteration 0 trains on a prepared buffer, iteration 1 rolls out
     with the trained adapters (rank 0 alone; under FSDP with gathered weights) and evaluates; the
-    two-process run stops after iteration 0 and resumes (optimizer state saved whole, re-sharded)."""
-    model = make_tiny_model(tmp_path)
-    planner, reflector = get_spec("household").experts()
-    data = tmp_path / "data"
-    collect("household", planner, reflector, data, n_tasks=8, config=LoopConfig(trials=2))
-    il_cfg, rl_cfg = tmp_path / "il.yaml", tmp_path / "rl.yaml"
-    il_cfg.write_text(yaml.safe_dump(IL))
+    two-process run stops after iteration 0 and resumes (optimizer state saved whole, re-sharded).
+    One launch runs `il`, then `rl` to 1 and `rl` to 2 iterations."""
+    ref = reference
+    run_1, run_2 = ref.rl_run, tmp_path / "rl"
+    write_records(run_2 / "buffer" / "iter_0000.jsonl", ref.records)
+    commands = [
+        ["il", "--data", ref.data, "--model", ref.model, "--out", tmp_path / "il", "--config", ref.il_config]
+    ]
+    for iterations in (1, 2):
+        config = tmp_path / f"rl-{iterations}.yaml"
+        config.write_text(yaml.safe_dump({**ref.rl, "iterations": iterations}))
+        commands.append(["rl", "--init", ref.il, "--data", ref.data, "--out", run_2, "--config", config])
+    _launch(tmp_path, launch_config, *commands)
 
-    train_il(data, model, tmp_path / "il-1", ILConfig.model_validate(IL), progress=False)
-    il_args = ["--data", data, "--model", model, "--out", tmp_path / "il-2", "--config", il_cfg]
-    _launch(tmp_path, launch_config, "il", *il_args)
-
-    one, two = _adapters(tmp_path / "il-1"), _adapters(tmp_path / "il-2")
+    one, two = _adapters(ref.il), _adapters(tmp_path / "il")
     assert one.keys() == two.keys() and len(one) == 16
     assert all(torch.allclose(one[k], two[k], atol=ATOL) for k in one)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in two.items() if "lora_B" in k)
     # One writer: the same files, and every metrics line once.
-    assert _files(tmp_path / "il-1") == _files(tmp_path / "il-2")
-    il_1, il_2 = _lines(tmp_path / "il-1" / "metrics.jsonl"), _lines(tmp_path / "il-2" / "metrics.jsonl")
+    assert _files(ref.il) == _files(tmp_path / "il")
+    il_1, il_2 = _lines(ref.il / "metrics.jsonl"), _lines(tmp_path / "il" / "metrics.jsonl")
     assert [(m["event"], m["step"]) for m in il_1] == [(m["event"], m["step"]) for m in il_2]
     for a, b in zip(il_1, il_2, strict=True):
         if a["event"] == "train":
             assert a["target_tokens"] == b["target_tokens"]
             assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), abs=ATOL)
 
-    # One rollout; its buffer, with non-zero rewards so that L_RL counts, feeds both updates
-    # (a buffer file without a checkpoint is what a kill during the update leaves: it is reused).
-    train_rl(tmp_path / "il-1", data, tmp_path / "rollout", RLConfig.model_validate(RL))
-    records = [
-        r.model_copy(update={"reward": (i % 3) / 2, "next_reward": None if r.role == "planner" else i % 2})
-        for i, r in enumerate(read_records(tmp_path / "rollout" / "buffer" / "iter_0000.jsonl"))
-    ]
-    run_1, run_2 = tmp_path / "rl-1", tmp_path / "rl-2"
-    for run in (run_1, run_2):
-        write_records(run / "buffer" / "iter_0000.jsonl", records)
-    rl = {**RL, "iterations": 2, "eval_tasks": 1}
-    history = train_rl(tmp_path / "il-1", data, run_1, RLConfig.model_validate(rl))
-    rl_args = ["--init", tmp_path / "il-1", "--data", data, "--out", run_2, "--config", rl_cfg]
-    for iterations in (1, 2):
-        rl_cfg.write_text(yaml.safe_dump({**rl, "iterations": iterations}))
-        _launch(tmp_path, launch_config, "rl", *rl_args)
-
     one, two = _adapters(run_1 / "latest" / "ckpt"), _adapters(run_2 / "latest" / "ckpt")
     assert all(torch.allclose(one[k], two[k], atol=ATOL) for k in one)
-    assert not all(torch.allclose(one[k], v) for k, v in _adapters(tmp_path / "il-1").items())
+    assert not all(torch.allclose(one[k], v) for k, v in _adapters(ref.il).items())
     assert _files(run_1) == _files(run_2)
-    assert read_records(run_2 / "buffer" / "iter_0000.jsonl") == records
+    assert read_records(run_2 / "buffer" / "iter_0000.jsonl") == ref.records
     rolled = [read_records(run / "buffer" / "iter_0001.jsonl") for run in (run_1, run_2)]
     assert [[(r.task_id, r.role, r.trial, r.output_ids) for r in rs] for rs in rolled] == [
         [(r.task_id, r.role, r.trial, r.output_ids) for r in rolled[0]]
     ] * 2
-    got = _lines(run_2 / "metrics.jsonl")
+    history, got = ref.history, _lines(run_2 / "metrics.jsonl")
     assert len(history) == len(got) == 2
     assert history[1]["eval"] == got[1]["eval"] and history[1]["train"] == got[1]["train"]
     for want, row in zip(history, got, strict=True):
@@ -206,17 +231,14 @@ def test_two_processes_match_one(tmp_path: Path, launch_config: str) -> None:
     assert history[0]["loss_rl"] != 0
 
 
-def test_fsdp_full_fine_tuning_matches_one_process(tmp_path: Path) -> None:
+def test_fsdp_full_fine_tuning_matches_one_process(tmp_path: Path, reference: Reference) -> None:
     """Full fine-tuning (every weight sharded, the case FSDP is for) of both units, one epoch."""
-    model = make_tiny_model(tmp_path)
-    planner, reflector = get_spec("household").experts()
-    data = tmp_path / "data"
-    collect("household", planner, reflector, data, n_tasks=8, config=LoopConfig(trials=2))
+    model, data = reference.model, reference.data
     cfg = {**{k: v for k, v in IL.items() if k != "lora"}, "epochs": 1, "finetune": "full"}
     (tmp_path / "il.yaml").write_text(yaml.safe_dump(cfg))
     train_il(data, model, tmp_path / "one", ILConfig.model_validate(cfg), progress=False)
     args = ["--data", data, "--model", model, "--out", tmp_path / "two", "--config", tmp_path / "il.yaml"]
-    _launch(tmp_path, "cpu-2proc-fsdp.yaml", "il", *args)
+    _launch(tmp_path, "cpu-2proc-fsdp.yaml", ["il", *args])
     for unit in ("planner", "reflector"):
         one = load_file(tmp_path / "one" / unit / "model.safetensors")
         two = load_file(tmp_path / "two" / unit / "model.safetensors")

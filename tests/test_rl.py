@@ -22,7 +22,7 @@ from retroact.models.hf import HFPolicy
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.train.il import ILConfig, train_il
 from retroact.train.rl import RLConfig, train_rl
-from tests.tiny import make_tiny_model
+from tests.tiny import make_data_model
 
 # Small everything: an untrained model writes long junk lines, so steps and tokens are capped.
 RL_BASE = dict(
@@ -41,10 +41,10 @@ RL_BASE = dict(
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     tmp = tmp_path_factory.mktemp("rl")
-    model = make_tiny_model(tmp)
     planner, reflector = get_spec("household").experts()
     data = tmp / "data"
     collect("household", planner, reflector, data, n_tasks=16, config=LoopConfig(trials=2))
+    model = make_data_model(tmp, data)
     il = ILConfig(finetune="lora", epochs=1, batch_size=4, lora={"r": 4, "alpha": 8})
     ckpt = tmp / "il"
     train_il(data, model, ckpt, il, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +30,21 @@ def make_tiny_model(
 ) -> Path:
     """Build the test model under ``tmp_path/tiny`` and return its directory."""
     return build_tiny_model(tmp_path / "tiny", texts if texts is not None else [HOUSEHOLD] * 4, config)
+
+
+def make_data_model(tmp_path: Path, data: Path) -> Path:
+    """The test model with its tokenizer trained on the records of a collected data directory.
+
+    Household trajectories come out about half as long as under the default tokenizer (trained on
+    one short text), which halves the time of the tests that train on them.
+    """
+    texts = [
+        record["prompt"] + record["output"]
+        for file in sorted(data.glob("*.jsonl"))
+        for record in map(json.loads, file.read_text().splitlines())
+        if "prompt" in record and "output" in record
+    ]
+    return make_tiny_model(tmp_path, texts, SMALL.model_copy(update={"vocab_size": 1024}))
 
 
 def overfit(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> None:
