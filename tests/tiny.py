@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from retroact.agent.records import read_records
 from retroact.models.tiny import TinyModelConfig, build_tiny_model
 
 HOUSEHOLD = (
@@ -33,17 +33,13 @@ def make_tiny_model(
 
 
 def make_data_model(tmp_path: Path, data: Path) -> Path:
-    """The test model with its tokenizer trained on the records of a collected data directory.
+    """The test model with its tokenizer trained on the IL records of a ``collect`` directory.
 
     Household trajectories come out about half as long as under the default tokenizer (trained on
     one short text), which halves the time of the tests that train on them.
     """
-    texts = [
-        record["prompt"] + record["output"]
-        for file in sorted(data.glob("*.jsonl"))
-        for record in map(json.loads, file.read_text().splitlines())
-        if "prompt" in record and "output" in record
-    ]
+    records = [r for role in ("planner", "reflector") for r in read_records(data / f"{role}.jsonl")]
+    texts = [r.prompt + r.output for r in records]
     return make_tiny_model(tmp_path, texts, SMALL.model_copy(update={"vocab_size": 1024}))
 
 
