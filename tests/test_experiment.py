@@ -68,6 +68,8 @@ def test_experiment_writes_results_report_and_reuses_stages(tmp_path: Path) -> N
     report = (out / "report.md").read_text()
     assert "| RetroAct |" in report and (out / "per_trial_reward.png").stat().st_size > 0
     assert (out / "rl_learning_curve.png").exists()
+    first = results["learning_curves"]["RetroAct"][0]
+    assert f"| 1 | {first['episodes']} | {first['train_reward']:.3f} |" in report  # the curve's table
     stamps = {p: p.stat().st_mtime for p in out.glob("seed0/*/*") if p.is_file()}
     res = runner.invoke(app, ["experiment", str(config), "--out", str(out)])
     assert res.exit_code == 0 and "stage" not in res.output  # every stage reused
@@ -130,3 +132,38 @@ def test_an_evaluation_is_redone_when_a_setting_it_depends_on_changes(tmp_path: 
     assert all(more_il[m] != base[m] for m in ("SFT", "IL", "RetroAct"))
     other_eval = keys(eval={**TINY["eval"], "tasks": 4})
     assert all(other_eval[m] != base[m] for m in base)
+
+
+def _fake_run(run: Path, rewards: list[list[float]], episodes: list[int]) -> Path:
+    """An RL run directory whose metrics.jsonl has these per-trial train rewards and episodes."""
+    run.mkdir(parents=True)
+    lines = [{"event": "start"}] + [
+        {"event": "iteration", "iteration": i, "train": {"per_trial_reward": r, "episodes": e}}
+        for i, (r, e) in enumerate(zip(rewards, episodes, strict=True))
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def test_curves_compare_runs_by_episodes(tmp_path: Path) -> None:
+    off = _fake_run(tmp_path / "off", [[0.1, 0.2], [0.3, 0.3], [0.4, 0.6]], [10, 10, 10])
+    on = _fake_run(tmp_path / "on", [[0.1, 0.2], [0.1, 0.3], [0.2, 0.4], [0.25, 0.35]], [10, 10, 10, 10])
+    plot = tmp_path / "plots" / "curve.png"
+    res = CliRunner().invoke(
+        app, ["curves", str(off), str(on), "--name", "off", "--name", "on", "--plot", str(plot)]
+    )
+    assert res.exit_code == 0, res.output
+    # Mean over trials per iteration, cumulative episodes; a row past the shorter run's end is blank.
+    assert "| 2 | 20 | 0.300 | 20 | 0.200 |" in res.output
+    assert "| 4 |  |  | 40 | 0.300 |" in res.output
+    # on's final is 0.300: off first reaches it at iteration 2 (20 of on's 40 episodes).
+    reach = "off reaches on's final train reward (0.300) at iteration 2, 20 episodes (50% of on's 40)"
+    assert reach in res.output
+    assert "on reaches off's final train reward (0.500) never" in res.output
+    assert plot.stat().st_size > 0
+    missing = CliRunner().invoke(app, ["curves", str(tmp_path / "nowhere")])
+    assert isinstance(missing.exception, ValueError) and "nowhere/metrics.jsonl: no such file" in str(
+        missing.exception
+    )
+    names = CliRunner().invoke(app, ["curves", str(off), str(on), "--name", "x"])
+    assert names.exit_code != 0 and "one distinct --name per run" in names.output

@@ -403,6 +403,29 @@ def demo_cmd(
     _run_experiment(config, out, fresh, f"retroact demo{' --quick' if quick else ''}")
 
 
+@app.command("curves")
+def curves_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="`retroact rl` run directories (their metrics.jsonl).")],
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", help="Label of each run, in order (default: directory name)."),
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also write the learning-curve plot to this PNG.")] = None,
+) -> None:
+    """Compare RL learning curves: train reward per iteration against episodes (e.g. off- vs on-policy)."""
+    from retroact.eval.report import curves_markdown, plot_learning_curves
+    from retroact.train.rl import learning_curve
+
+    names = name or [run.name for run in runs]
+    if len(names) != len(runs) or len(set(names)) != len(names):
+        raise typer.BadParameter(f"give one distinct --name per run ({len(runs)} runs, names {names})")
+    curves = {label: learning_curve(run) for label, run in zip(names, runs, strict=True)}
+    typer.echo(curves_markdown(curves))  # markdown, unwrapped
+    if plot is not None:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"plot: {plot_learning_curves(curves, plot)}")
+
+
 @app.command("readme-results")
 def readme_results_cmd(
     results: Annotated[

@@ -24,7 +24,7 @@ from retroact.eval.evaluate import evaluate
 from retroact.models.pretrained import SMOLLM2
 from retroact.models.tiny import TinyModelConfig
 from retroact.train.il import ILConfig, train_il
-from retroact.train.rl import RLConfig, train_rl
+from retroact.train.rl import RLConfig, learning_curve, train_rl
 
 MethodKind = Literal["expert", "react", "reflexion", "sft", "il", "ei", "rl"]
 
@@ -255,8 +255,12 @@ class Experiment:
     def eval_inputs(self, method: MethodSpec) -> dict[str, Any]:
         """Every setting an evaluation's result depends on: a change in any of them re-runs it."""
         c = self.cfg
-        inputs: dict[str, Any] = {"method": method.model_dump(), "env": c.env, "env_options": c.env_options,
-                                  "eval": c.eval.model_dump()}
+        inputs: dict[str, Any] = {
+            "method": method.model_dump(),
+            "env": c.env,
+            "env_options": c.env_options,
+            "eval": c.eval.model_dump(),
+        }
         if method.kind != "expert":
             inputs |= {"model": c.model, "tiny": c.tiny.model_dump() if c.model == "tiny" else None}
         if method.kind not in ("expert", "react", "reflexion"):
@@ -336,25 +340,8 @@ class Experiment:
             if method.kind != "rl":
                 continue
             run = self.rl_path(seed, method)
-            metrics = run / "metrics.jsonl"
-            if not metrics.exists():
-                continue
-            episodes, points = 0, []
-            for line in metrics.read_text().splitlines():
-                row = json.loads(line)
-                if row.get("event") != "iteration":
-                    continue
-                episodes += row["train"]["episodes"]
-                points.append(
-                    {
-                        "iteration": row["iteration"] + 1,
-                        "episodes": episodes,
-                        "train_reward": sum(row["train"]["per_trial_reward"])
-                        / len(row["train"]["per_trial_reward"]),
-                        "eval_FR": row.get("eval", {}).get("FR"),
-                    }
-                )
-            curves[method.name] = points
+            if (run / "metrics.jsonl").exists():
+                curves[method.name] = learning_curve(run)
         return curves
 
 

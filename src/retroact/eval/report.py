@@ -114,14 +114,15 @@ def plot_per_trial(results: dict[str, Any], path: Path) -> Path:
     )
 
 
-def plot_learning_curves(results: dict[str, Any], path: Path) -> Path | None:
-    """Train reward per RL iteration against rollout episodes (off- vs on-policy when both ran)."""
-    curves = {k: v for k, v in results.get("learning_curves", {}).items() if v}
-    if not curves:
-        return None
+def plot_learning_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
+    """Train reward per RL iteration against rollout episodes, one line per run (see ``learning_curve``)."""
     series = {
-        name: ([p["episodes"] for p in pts], [p["train_reward"] for p in pts]) for name, pts in curves.items()
+        name: ([p["episodes"] for p in pts], [p["train_reward"] for p in pts])
+        for name, pts in curves.items()
+        if pts
     }
+    if not series:
+        return None
     return _line_plot(
         series,
         path,
@@ -131,11 +132,47 @@ def plot_learning_curves(results: dict[str, Any], path: Path) -> Path | None:
     )
 
 
+def curves_markdown(curves: dict[str, list[dict[str, Any]]]) -> str:
+    """Train reward per iteration of each run, and where each run first reaches each other run's final.
+
+    "Reaches" compares points, so the per-point noise of the train reward (one slice of tasks per
+    iteration) applies to it; runs compared this way should roll out the same slices (same seed)."""
+    names = list(curves)
+    longest = max(len(pts) for pts in curves.values())
+    lines = [
+        "| iteration | " + " | ".join(f"{n}: episodes | {n}: train reward" for n in names) + " |",
+        "|---:|" + "---:|---:|" * len(names),
+    ]
+    for i in range(longest):
+        cells = [
+            f"{curves[n][i]['episodes']} | {curves[n][i]['train_reward']:.3f}"
+            if i < len(curves[n])
+            else " | "
+            for n in names
+        ]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for a in names:
+        for b in names:
+            if a == b:
+                continue
+            final = curves[b][-1]
+            hit = next((p for p in curves[a] if p["train_reward"] >= final["train_reward"]), None)
+            where = (
+                f"at iteration {hit['iteration']}, {hit['episodes']} episodes "
+                f"({hit['episodes'] / final['episodes']:.0%} of {b}'s {final['episodes']})"
+                if hit
+                else "never"
+            )
+            lines.append(f"- {a} reaches {b}'s final train reward ({final['train_reward']:.3f}) {where}")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: dict[str, Any], out: Path, *, command: str) -> Path:
     """``out/report.md`` with the table, the plots and the command that reproduces them."""
     out.mkdir(parents=True, exist_ok=True)
     per_trial = plot_per_trial(results, out / "per_trial_reward.png")
-    curve = plot_learning_curves(results, out / "rl_learning_curve.png")
+    curve = plot_learning_curves(results.get("learning_curves", {}), out / "rl_learning_curve.png")
     parts = [
         "# RetroAct results\n",
         f"Reproduce with `{command}` ({results['seconds']:.0f} s for the stages run in the last call).\n",
@@ -143,7 +180,7 @@ def write_report(results: dict[str, Any], out: Path, *, command: str) -> Path:
         f"![reward per trial]({per_trial.name})\n",
     ]
     if curve:
-        parts.append(f"![RL learning curve]({curve.name})\n")
+        parts += [f"![RL learning curve]({curve.name})\n", curves_markdown(results["learning_curves"])]
     report = out / "report.md"
     report.write_text("\n".join(parts), encoding="utf-8")
     return report

@@ -475,8 +475,10 @@ def _il_term(
         return None
     tokens = collate_examples(part, pad_id)
     logp, _ = token_logprobs(model, tokens.tokens, where=tokens.loss_mask)
-    return il_loss(logp, tokens.loss_mask, cfg.normalisation) * weight * _share_of(
-        [e.n_target for e in part], [e.n_target for e in il_batch], cfg.normalisation
+    return (
+        il_loss(logp, tokens.loss_mask, cfg.normalisation)
+        * weight
+        * _share_of([e.n_target for e in part], [e.n_target for e in il_batch], cfg.normalisation)
     )
 
 
@@ -522,6 +524,36 @@ def _rollout_stats(records: list[TrajectoryRecord], trials: int) -> dict[str, An
         / max(steps, 1),
         "repeated_action_rate": sum(bool(r.info.get("repeat_stop")) for r in planner) / max(len(planner), 1),
     }
+
+
+def learning_curve(run: str | Path) -> list[dict[str, Any]]:
+    """Train reward (mean over trials) per finished iteration of a run, against rollout episodes so far.
+
+    Raises ValueError naming ``RUN/metrics.jsonl`` when it is missing or has no finished iteration."""
+    metrics = Path(run) / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ValueError(f"{metrics}: no such file (not a `retroact rl` run directory?)")
+    episodes, points = 0, []
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{metrics}:{number}: not JSON ({err.msg})") from None
+        if row.get("event") != "iteration":
+            continue
+        train = row["train"]
+        episodes += train["episodes"]
+        points.append(
+            {
+                "iteration": row["iteration"] + 1,
+                "episodes": episodes,
+                "train_reward": sum(train["per_trial_reward"]) / len(train["per_trial_reward"]),
+                "eval_FR": row.get("eval", {}).get("FR"),
+            }
+        )
+    if not points:
+        raise ValueError(f"{metrics}: no finished iteration yet")
+    return points
 
 
 def _progress_line(row: dict[str, Any], total: int) -> str:
