@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 from retroact.cli import app
 from retroact.config import load_config
 from retroact.eval.experiment import BUILTIN_METHODS, Experiment, ExperimentConfig
+from retroact.eval.report import curves_markdown
 from retroact.paths import REPO_ROOT
+from retroact.train.rl import learning_curve
 
 EXPERIMENT_CONFIGS = ("demo*.yaml", "rl-curves.yaml", "smollm2-*.yaml", "*-synth.yaml")
 CONFIGS = sorted(p for g in EXPERIMENT_CONFIGS for p in (REPO_ROOT / "configs").glob(g)) + sorted(
@@ -165,5 +167,7 @@ def test_curves_compare_runs_by_episodes(tmp_path: Path) -> None:
     assert isinstance(missing.exception, ValueError) and "nowhere/metrics.jsonl: no such file" in str(
         missing.exception
     )
+    # An older results.json can hold a method's empty curve: it is left out, not an error.
+    assert "| 1 | 10 | 0.150 |" in curves_markdown({"empty": [], "off": learning_curve(off)})
     names = CliRunner().invoke(app, ["curves", str(off), str(on), "--name", "x"])
     assert names.exit_code != 0 and "one distinct --name per run" in names.output

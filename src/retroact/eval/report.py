@@ -137,6 +137,9 @@ def curves_markdown(curves: dict[str, list[dict[str, Any]]]) -> str:
 
     "Reaches" compares points, so the per-point noise of the train reward (one slice of tasks per
     iteration) applies to it; runs compared this way should roll out the same slices (same seed)."""
+    curves = {name: pts for name, pts in curves.items() if pts}  # results.json may hold a run's empty curve
+    if not curves:
+        return ""
     names = list(curves)
     longest = max(len(pts) for pts in curves.values())
     lines = [
