@@ -159,7 +159,7 @@ def test_curves_compare_runs_by_episodes(tmp_path: Path) -> None:
     assert "| 2 | 20 | 0.300 | 20 | 0.200 |" in res.output
     assert "| 4 |  |  | 40 | 0.300 |" in res.output
     # on's final is 0.300: off first reaches it at iteration 2 (20 of on's 40 episodes).
-    reach = "off reaches on's final train reward (0.300) at iteration 2, 20 episodes (50% of on's 40)"
+    reach = "off reaches on's final train reward (0.300) at iteration 2, 20 episodes (50.0% of on's 40)"
     assert reach in res.output
     assert "on reaches off's final train reward (0.500) never" in res.output
     assert plot.stat().st_size > 0

@@ -163,7 +163,7 @@ def curves_markdown(curves: dict[str, list[dict[str, Any]]]) -> str:
             hit = next((p for p in curves[a] if p["train_reward"] >= final["train_reward"]), None)
             where = (
                 f"at iteration {hit['iteration']}, {hit['episodes']} episodes "
-                f"({hit['episodes'] / final['episodes']:.0%} of {b}'s {final['episodes']})"
+                f"({hit['episodes'] / final['episodes']:.1%} of {b}'s {final['episodes']})"
                 if hit
                 else "never"
             )
