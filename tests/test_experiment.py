@@ -167,6 +167,10 @@ def test_curves_compare_runs_by_episodes(tmp_path: Path) -> None:
     assert isinstance(missing.exception, ValueError) and "nowhere/metrics.jsonl: no such file" in str(
         missing.exception
     )
+    # A run being written (or killed mid-line) has a torn last line: the finished iterations are read.
+    with (on / "metrics.jsonl").open("a") as f:
+        f.write('{"event": "iter')
+    assert [p["iteration"] for p in learning_curve(on)] == [1, 2, 3, 4]
     # An older results.json can hold a method's empty curve: it is left out, not an error.
     assert "| 1 | 10 | 0.150 |" in curves_markdown({"empty": [], "off": learning_curve(off)})
     names = CliRunner().invoke(app, ["curves", str(off), str(on), "--name", "x"])

@@ -534,7 +534,9 @@ def learning_curve(run: str | Path) -> list[dict[str, Any]]:
     if not metrics.is_file():
         raise ValueError(f"{metrics}: no such file (not a `retroact rl` run directory?)")
     episodes, points = 0, []
-    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+    for number, line in enumerate(metrics.read_text().splitlines(keepends=True), 1):
+        if not line.endswith("\n"):  # a run being written or killed mid-line; MetricsLog drops it too
+            break
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
