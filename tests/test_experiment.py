@@ -76,6 +76,17 @@ def test_experiment_writes_results_report_and_reuses_stages(tmp_path: Path) -> N
     res = runner.invoke(app, ["experiment", str(config), "--out", str(out)])
     assert res.exit_code == 0 and "stage" not in res.output  # every stage reused
     assert {p: p.stat().st_mtime for p in stamps} == stamps
+    # Another output directory on the same stages: nothing re-runs, nothing of OUT is rewritten.
+    other = tmp_path / "other"
+    res = runner.invoke(app, ["experiment", str(config), "--out", str(other), "--stages", str(out)])
+    assert res.exit_code == 0 and "stage" not in res.output, res.output
+    assert {p: p.stat().st_mtime for p in stamps} == stamps and not (other / "seed0").exists()
+    again = json.loads((other / "results.json").read_text())
+    assert again["methods"] == results["methods"] and again["learning_curves"] == results["learning_curves"]
+    assert f"--out {other} --stages {out}" in (other / "report.md").read_text()
+    shared = ["experiment", str(config), "--out", str(other), "--stages", str(out)]
+    res = runner.invoke(app, [*shared, "--fresh"])
+    assert res.exit_code != 0 and "--fresh cannot be combined with --stages" in res.output
 
 
 def test_readme_results_block_is_replaced(tmp_path: Path) -> None:

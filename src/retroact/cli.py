@@ -356,18 +356,20 @@ def import_intercode_cmd(
     console.print(import_to_jsonl(out, trajectories, splits=splits).as_dict())
 
 
-def _run_experiment(config: Path, out: Path, fresh: bool, command: str) -> None:
+def _run_experiment(config: Path, out: Path, fresh: bool, command: str, stages: Path | None = None) -> None:
     import shutil
 
     from retroact.config import load_config
     from retroact.eval.experiment import Experiment, ExperimentConfig
     from retroact.eval.report import results_rich_table, write_report
 
+    if fresh and stages is not None:
+        raise typer.BadParameter("--fresh cannot be combined with --stages (stages are always reused)")
     cfg = load_config(config, ExperimentConfig)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = Experiment(cfg, out, console).run()
+    results = Experiment(cfg, out, console, stages=stages).run()
     report = write_report(results, out, command=command)
     console.print(results_rich_table(results))
     console.print(f"report: {report}   results: {out / 'results.json'}")
@@ -380,10 +382,18 @@ def experiment_cmd(
     ],
     out: Annotated[Path | None, typer.Option(help="Output directory (default: runs/<config name>).")] = None,
     fresh: Annotated[bool, typer.Option(help="Delete OUT first instead of reusing finished stages.")] = False,
+    stages: Annotated[
+        Path | None,
+        typer.Option(
+            help="Reuse and add to the stages (model, data, checkpoints, RL runs, evaluations) of this "
+            "directory, e.g. runs/demo, instead of OUT's own; OUT gets only results and report."
+        ),
+    ] = None,
 ) -> None:
     """Run methods and ablations over seeds; writes OUT/results.json, OUT/report.md and plots."""
     out = out or Path("runs") / config.stem
-    _run_experiment(config, out, fresh, f"retroact experiment {config} --out {out}")
+    again = f"retroact experiment {config} --out {out}" + (f" --stages {stages}" if stages else "")
+    _run_experiment(config, out, fresh, again, stages)
 
 
 @app.command("demo")

@@ -101,8 +101,8 @@ class ExperimentConfig(BaseModel):
     env_options: dict[str, Any] = Field(default_factory=dict)
     model: str = Field(
         "tiny",
-        description=f"`tiny` (built by init-model into OUT/model), `{SMOLLM2}` (converted once into the "
-        "cache, see docs/models.md) or a model path.",
+        description=f"`tiny` (built by init-model into the stages directory's model/, by default "
+        f"OUT/model), `{SMOLLM2}` (converted once into the cache, see docs/models.md) or a model path.",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -133,13 +133,22 @@ def _key(obj: object) -> str:
 class Experiment:
     """Runs the stages a method needs, once per seed, reusing what is already on disk."""
 
-    def __init__(self, cfg: ExperimentConfig, out: Path, console: Console | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, out: Path, console: Console | None = None, stages: Path | None = None
+    ) -> None:
+        """``out`` gets results.json; ``stages`` (default ``out``) holds the model, data, checkpoints,
+        RL runs and evaluations. Their paths are keyed by every setting they depend on, so experiments
+        can share one stages directory (e.g. another config's runs on the demo's IL checkpoint)."""
         self.cfg, self.out, self.console = cfg, out, console or Console()
+        self.stages = stages or out
         self.stage_no = 0
 
     def _stage(self, title: str) -> None:
         self.stage_no += 1
         self.console.rule(f"[bold]stage {self.stage_no}: {title}")
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.stages / f"seed{seed}"
 
     # -- shared stages
     def model_path(self) -> str:
@@ -153,7 +162,7 @@ class Experiment:
             return str(path)
         if self.cfg.model != "tiny":
             return self.cfg.model
-        path = self.out / "model"
+        path = self.stages / "model"
         if not (path / "config.json").exists():
             from retroact.models.corpus import available_builtin_envs, env_corpus
             from retroact.models.tiny import build_tiny_model
@@ -167,7 +176,7 @@ class Experiment:
         c = self.cfg.collect
         # Without mistakes, the key the settings had before `mistakes` existed: earlier runs stay cached.
         settings = c.model_dump(exclude={"mistakes"} if not c.mistakes else None)
-        return self.out / f"seed{seed}" / f"data-{_key([self.cfg.env, self.cfg.env_options, settings])}"
+        return self.seed_dir(seed) / f"data-{_key([self.cfg.env, self.cfg.env_options, settings])}"
 
     def data_dir(self, seed: int) -> Path:
         path = self.data_path(seed)
@@ -191,9 +200,7 @@ class Experiment:
         return ILConfig.model_validate({**self.cfg.il, **overrides, "seed": seed})
 
     def il_path(self, seed: int, overrides: dict[str, Any], data: Path) -> Path:
-        return (
-            self.out / f"seed{seed}" / f"il-{_key([str(data), self.il_config(seed, overrides).model_dump()])}"
-        )
+        return self.seed_dir(seed) / f"il-{_key([str(data), self.il_config(seed, overrides).model_dump()])}"
 
     def il_ckpt(self, seed: int, overrides: dict[str, Any], data: Path | None = None) -> Path:
         data = data or self.data_dir(seed)
@@ -211,7 +218,7 @@ class Experiment:
 
     def rl_path(self, seed: int, method: MethodSpec) -> Path:
         init = self.il_path(seed, method.il, self.data_path(seed))
-        return self.out / f"seed{seed}" / f"rl-{_key([str(init), self.rl_config(seed, method).model_dump()])}"
+        return self.seed_dir(seed) / f"rl-{_key([str(init), self.rl_config(seed, method).model_dump()])}"
 
     def rl_run(self, seed: int, method: MethodSpec) -> Path:
         rl_cfg = self.rl_config(seed, method)
@@ -229,7 +236,7 @@ class Experiment:
 
         sft = self.il_ckpt(seed, method.il)
         data = self.data_dir(seed)
-        own = self.out / f"seed{seed}" / f"ei-rollouts-{_key([str(sft)])}"
+        own = self.seed_dir(seed) / f"ei-rollouts-{_key([str(sft)])}"
         if not (own / "stats.json").exists():
             self._stage("expert iteration: roll out the SFT agent on train tasks")
             policy = HFPolicy.load(sft)
@@ -242,7 +249,7 @@ class Experiment:
                 task_seed=seed + 1,
                 config=LoopConfig(trials=1, seed=seed, env_options=self.cfg.env_options),
             )
-        merged = self.out / f"seed{seed}" / f"ei-data-{_key([str(data), str(own)])}"
+        merged = self.seed_dir(seed) / f"ei-data-{_key([str(data), str(own)])}"
         if not (merged / "reflector.jsonl").exists():
             write_records(
                 merged / "planner.jsonl",
@@ -274,7 +281,7 @@ class Experiment:
         from retroact.models.hf import HFPolicy
 
         e = self.cfg.eval
-        path = self.out / f"seed{seed}" / "eval" / f"{_slug(method.name)}-{_key(self.eval_inputs(method))}"
+        path = self.seed_dir(seed) / "eval" / f"{_slug(method.name)}-{_key(self.eval_inputs(method))}"
         if (path / "results.json").exists():
             return json.loads((path / "results.json").read_text())
         kind = method.kind
