@@ -185,4 +185,20 @@ def test_curves_compare_runs_by_episodes(tmp_path: Path) -> None:
     # An older results.json can hold a method's empty curve: it is left out, not an error.
     assert "| 1 | 10 | 0.150 |" in curves_markdown({"empty": [], "off": learning_curve(off)})
     names = CliRunner().invoke(app, ["curves", str(off), str(on), "--name", "x"])
-    assert names.exit_code != 0 and "one distinct --name per run" in names.output
+    assert names.exit_code != 0 and "give one --name per run" in names.output
+    # Runs under one label are averaged per iteration (seeds), up to the shortest of them.
+    off2 = _fake_run(tmp_path / "off2", [[0.1, 0.1], [0.1, 0.1]], [20, 20])
+    seeds = CliRunner().invoke(
+        app, ["curves", str(off), str(off2), str(on), "--name", "off", "--name", "off", "--name", "on"]
+    )
+    assert seeds.exit_code == 0, seeds.output
+    assert "off: mean of 2 runs over their first 2 iterations" in seeds.output
+    assert (
+        "| 1 | 15 | 0.125 | 10 | 0.150 |" in seeds.output
+        and "| 2 | 30 | 0.200 | 20 | 0.200 |" in seeds.output
+    )
+    assert "| 3 |  |  | 30 | 0.300 |" in seeds.output
+    # Without labels, two runs with the same directory name would be averaged silently: refused.
+    twins = [str(_fake_run(tmp_path / d / "run", [[0.1, 0.1]], [10])) for d in ("a", "b")]
+    same = CliRunner().invoke(app, ["curves", *twins])
+    assert same.exit_code != 0 and "same directory name need --name" in same.output

@@ -418,18 +418,30 @@ def curves_cmd(
     runs: Annotated[list[Path], typer.Argument(help="`retroact rl` run directories (their metrics.jsonl).")],
     name: Annotated[
         list[str] | None,
-        typer.Option("--name", help="Label of each run, in order (default: directory name)."),
+        typer.Option(
+            "--name",
+            help="Label of each run, in order (default: directory name). Runs given the same label are "
+            "averaged per iteration (e.g. seeds).",
+        ),
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Also write the learning-curve plot to this PNG.")] = None,
 ) -> None:
     """Compare RL learning curves: train reward per iteration against episodes (e.g. off- vs on-policy)."""
     from retroact.eval.report import curves_markdown, plot_learning_curves
-    from retroact.train.rl import learning_curve
+    from retroact.train.rl import learning_curve, mean_curve
 
-    names = name or [run.name for run in runs]
-    if len(names) != len(runs) or len(set(names)) != len(names):
-        raise typer.BadParameter(f"give one distinct --name per run ({len(runs)} runs, names {names})")
-    curves = {label: learning_curve(run) for label, run in zip(names, runs, strict=True)}
+    labels = name or [run.name for run in runs]
+    if len(labels) != len(runs):
+        raise typer.BadParameter(f"give one --name per run ({len(runs)} runs, names {labels})")
+    if not name and len(set(labels)) != len(labels):
+        raise typer.BadParameter(f"runs with the same directory name need --name labels ({labels})")
+    groups: dict[str, list[Path]] = {}
+    for label, run in zip(labels, runs, strict=True):
+        groups.setdefault(label, []).append(run)
+    curves = {label: mean_curve([learning_curve(run) for run in group]) for label, group in groups.items()}
+    for label, group in groups.items():
+        if len(group) > 1:
+            typer.echo(f"{label}: mean of {len(group)} runs over their first {len(curves[label])} iterations")
     typer.echo(curves_markdown(curves))  # markdown, unwrapped
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)

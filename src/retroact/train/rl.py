@@ -558,6 +558,23 @@ def learning_curve(run: str | Path) -> list[dict[str, Any]]:
     return points
 
 
+def mean_curve(curves: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Several runs' learning curves (e.g. seeds) averaged per iteration, up to the shortest run."""
+    points = []
+    for i in range(min(len(c) for c in curves)):
+        at = [c[i] for c in curves]
+        fr = [p["eval_FR"] for p in at]
+        points.append(
+            {
+                "iteration": i + 1,
+                "episodes": round(sum(p["episodes"] for p in at) / len(at)),
+                "train_reward": sum(p["train_reward"] for p in at) / len(at),
+                "eval_FR": None if None in fr else sum(fr) / len(fr),
+            }
+        )
+    return points
+
+
 def _progress_line(row: dict[str, Any], total: int) -> str:
     train = row["train"]
     ev = row.get("eval", {})
