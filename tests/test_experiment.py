@@ -147,6 +147,21 @@ def test_an_evaluation_is_redone_when_a_setting_it_depends_on_changes(tmp_path: 
     assert all(other_eval[m] != base[m] for m in base)
 
 
+def test_stage_paths_follow_the_model_and_not_the_stages_location(tmp_path: Path) -> None:
+    def stages(at: Path, **tiny: int) -> list[Path]:
+        cfg = ExperimentConfig.model_validate({**TINY, "tiny": {**TINY["tiny"], **tiny}})
+        exp = Experiment(cfg, tmp_path / "out", stages=at)
+        data = exp.data_path(0)
+        return [exp.tiny_model_path(), data, exp.il_path(0, {}, data), exp.rl_path(0, cfg.method_specs()[-1])]
+
+    one, two = stages(tmp_path / "a", num_layers=1), stages(tmp_path / "a", num_layers=2)
+    # Another tiny model: its own model directory, IL and RL stages, on the same expert data.
+    assert one[1] == two[1] and one[0] != two[0] and one[2] != two[2] and one[3] != two[3]
+    # A moved stages directory keeps its stage names (keys name earlier stages by directory name).
+    moved = stages(tmp_path / "b" / "c", num_layers=1)
+    assert [p.relative_to(tmp_path / "a") for p in one] == [p.relative_to(tmp_path / "b/c") for p in moved]
+
+
 def _fake_run(run: Path, rewards: list[list[float]], episodes: list[int]) -> Path:
     """An RL run directory whose metrics.jsonl has these per-trial train rewards and episodes."""
     run.mkdir(parents=True)

@@ -101,8 +101,8 @@ class ExperimentConfig(BaseModel):
     env_options: dict[str, Any] = Field(default_factory=dict)
     model: str = Field(
         "tiny",
-        description=f"`tiny` (built by init-model into the stages directory's model/, by default "
-        f"OUT/model), `{SMOLLM2}` (converted once into the cache, see docs/models.md) or a model path.",
+        description=f"`tiny` (built by init-model into the stages directory, by default "
+        f"OUT/model-<key>), `{SMOLLM2}` (converted once into the cache, see docs/models.md) or a model path.",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -150,6 +150,13 @@ class Experiment:
     def seed_dir(self, seed: int) -> Path:
         return self.stages / f"seed{seed}"
 
+    def model_inputs(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"model": c.model, "tiny": c.tiny.model_dump() if c.model == "tiny" else None}
+
+    def tiny_model_path(self) -> Path:
+        return self.stages / f"model-{_key(self.model_inputs())}"
+
     # -- shared stages
     def model_path(self) -> str:
         if self.cfg.model == SMOLLM2:
@@ -162,7 +169,7 @@ class Experiment:
             return str(path)
         if self.cfg.model != "tiny":
             return self.cfg.model
-        path = self.stages / "model"
+        path = self.tiny_model_path()
         if not (path / "config.json").exists():
             from retroact.models.corpus import available_builtin_envs, env_corpus
             from retroact.models.tiny import build_tiny_model
@@ -171,7 +178,8 @@ class Experiment:
             build_tiny_model(path, list(env_corpus(available_builtin_envs())), self.cfg.tiny)
         return str(path)
 
-    # Paths are pure functions of the settings; the methods without ``_path`` also make them.
+    # Paths are pure functions of the settings; the methods without ``_path`` also make them. Keys name
+    # an earlier stage by its directory name, not its path, so a stages directory can be moved.
     def data_path(self, seed: int) -> Path:
         c = self.cfg.collect
         # Without mistakes, the key the settings had before `mistakes` existed: earlier runs stay cached.
@@ -200,7 +208,8 @@ class Experiment:
         return ILConfig.model_validate({**self.cfg.il, **overrides, "seed": seed})
 
     def il_path(self, seed: int, overrides: dict[str, Any], data: Path) -> Path:
-        return self.seed_dir(seed) / f"il-{_key([str(data), self.il_config(seed, overrides).model_dump()])}"
+        inputs = [data.name, self.model_inputs(), self.il_config(seed, overrides).model_dump()]
+        return self.seed_dir(seed) / f"il-{_key(inputs)}"
 
     def il_ckpt(self, seed: int, overrides: dict[str, Any], data: Path | None = None) -> Path:
         data = data or self.data_dir(seed)
@@ -218,7 +227,7 @@ class Experiment:
 
     def rl_path(self, seed: int, method: MethodSpec) -> Path:
         init = self.il_path(seed, method.il, self.data_path(seed))
-        return self.seed_dir(seed) / f"rl-{_key([str(init), self.rl_config(seed, method).model_dump()])}"
+        return self.seed_dir(seed) / f"rl-{_key([init.name, self.rl_config(seed, method).model_dump()])}"
 
     def rl_run(self, seed: int, method: MethodSpec) -> Path:
         rl_cfg = self.rl_config(seed, method)
@@ -236,7 +245,7 @@ class Experiment:
 
         sft = self.il_ckpt(seed, method.il)
         data = self.data_dir(seed)
-        own = self.seed_dir(seed) / f"ei-rollouts-{_key([str(sft)])}"
+        own = self.seed_dir(seed) / f"ei-rollouts-{_key([sft.name])}"
         if not (own / "stats.json").exists():
             self._stage("expert iteration: roll out the SFT agent on train tasks")
             policy = HFPolicy.load(sft)
@@ -249,7 +258,7 @@ class Experiment:
                 task_seed=seed + 1,
                 config=LoopConfig(trials=1, seed=seed, env_options=self.cfg.env_options),
             )
-        merged = self.seed_dir(seed) / f"ei-data-{_key([str(data), str(own)])}"
+        merged = self.seed_dir(seed) / f"ei-data-{_key([data.name, own.name])}"
         if not (merged / "reflector.jsonl").exists():
             write_records(
                 merged / "planner.jsonl",
@@ -269,7 +278,7 @@ class Experiment:
             "eval": c.eval.model_dump(),
         }
         if method.kind != "expert":
-            inputs |= {"model": c.model, "tiny": c.tiny.model_dump() if c.model == "tiny" else None}
+            inputs |= self.model_inputs()
         if method.kind not in ("expert", "react", "reflexion"):
             inputs |= {"collect": c.collect.model_dump(), "il": c.il}
         if method.kind == "rl":
