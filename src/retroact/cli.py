@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -438,8 +438,9 @@ def curves_cmd(
     groups: dict[str, list[Path]] = {}
     for label, run in zip(labels, runs, strict=True):
         groups.setdefault(label, []).append(run)
-    curves = {label: mean_curve([learning_curve(run) for run in group]) for label, group in groups.items()}
+    curves: dict[str, list[dict[str, Any]]] = {}
     for label, group in groups.items():
+        curves[label] = mean_curve([learning_curve(run) for run in group])
         if len(group) > 1:
             typer.echo(f"{label}: mean of {len(group)} runs over their first {len(curves[label])} iterations")
     typer.echo(curves_markdown(curves))  # markdown, unwrapped

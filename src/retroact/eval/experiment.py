@@ -23,6 +23,7 @@ from retroact.data.collect import collect
 from retroact.eval.evaluate import evaluate
 from retroact.models.pretrained import SMOLLM2
 from retroact.models.tiny import TinyModelConfig
+from retroact.train.common import METRICS_FILE
 from retroact.train.il import ILConfig, train_il
 from retroact.train.rl import RLConfig, learning_curve, train_rl
 
@@ -356,13 +357,13 @@ class Experiment:
             if method.kind != "rl":
                 continue
             run = self.rl_path(seed, method)
-            if (run / "metrics.jsonl").exists():
+            if (run / METRICS_FILE).exists():
                 curves[method.name] = learning_curve(run)
         return curves
 
 
 def _il_done(path: Path) -> bool:
-    metrics = path / "metrics.jsonl"
+    metrics = path / METRICS_FILE
     return metrics.exists() and any('"event": "done"' in line for line in metrics.read_text().splitlines())
 
 

@@ -274,6 +274,10 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+METRICS_FILE = "metrics.jsonl"
+"""Name of a training run's :class:`MetricsLog` file (IL checkpoints and RL runs alike)."""
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per event, each with ``step``), plus TensorBoard.
 

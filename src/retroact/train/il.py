@@ -54,6 +54,7 @@ from retroact.models.checkpoint import CheckpointManifest, is_checkpoint
 from retroact.models.hf import load_tokenizer
 from retroact.models.logprobs import token_logprobs
 from retroact.train.common import (
+    METRICS_FILE,
     LoraSettings,
     MetricsLog,
     Schedule,
@@ -72,7 +73,6 @@ from retroact.train.distributed import SINGLE, ProcessGroup, process_group
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.jsonl"
 # Settings that do not change what is computed; a resumed run may change them.
 RESUME_NEUTRAL = frozenset({"save_every_steps", "num_threads", "tensorboard"})
 

@@ -46,6 +46,7 @@ from retroact.models.checkpoint import replace_dir
 from retroact.models.hf import HFPolicy, load_tokenizer
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.train.common import (
+    METRICS_FILE,
     MetricsLog,
     Trainable,
     clip_and_step,
@@ -181,7 +182,7 @@ def train_rl(
     # Replicas start from the checkpoint the driver loaded; the other ranks never roll out.
     rollouts = Rollouts(cfg.rollout, ckpt) if group.is_main else None
     metrics_log = MetricsLog(
-        run / "metrics.jsonl",
+        run / METRICS_FILE,
         resume_step=done if latest else None,
         tensorboard=cfg.tensorboard,
         enabled=group.is_main,
@@ -530,7 +531,7 @@ def learning_curve(run: str | Path) -> list[dict[str, Any]]:
     """Train reward (mean over trials) per finished iteration of a run, against rollout episodes so far.
 
     Raises ValueError naming ``RUN/metrics.jsonl`` when it is missing or has no finished iteration."""
-    metrics = Path(run) / "metrics.jsonl"
+    metrics = Path(run) / METRICS_FILE
     if not metrics.is_file():
         raise ValueError(f"{metrics}: no such file (not a `retroact rl` run directory?)")
     episodes, points = 0, []
