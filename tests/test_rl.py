@@ -21,7 +21,7 @@ from retroact.envs import get_spec
 from retroact.models.hf import HFPolicy
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.train.il import ILConfig, train_il
-from retroact.train.rl import RLConfig, train_rl
+from retroact.train.rl import RLConfig, RLError, train_rl
 from tests.tiny import make_data_model
 
 # Small everything: an untrained model writes long junk lines, so steps and tokens are capped.
@@ -79,8 +79,30 @@ def test_iterations_fill_the_buffer_and_log_metrics(stage1: tuple[Path, Path, Pa
     )
     policy = HFPolicy.load(tmp_path / "run" / "latest" / "ckpt")
     assert policy.info.version == 2
-    # A finished run called again does nothing more.
+    # A finished run called again does nothing more, also when it was saved before a setting existed.
+    state_file = tmp_path / "run" / "latest" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["warmup_steps"]
+    state_file.write_text(json.dumps(state))
     assert train_rl(ckpt, data, tmp_path / "run", _cfg(iterations=2, eval_tasks=2, eval_trials=1)) == []
+    with pytest.raises(RLError, match="different settings"):
+        train_rl(
+            ckpt, data, tmp_path / "run", _cfg(iterations=2, eval_tasks=2, eval_trials=1, warmup_steps=5)
+        )
+
+
+def test_warmup_raises_the_lr_linearly_over_the_first_steps(
+    stage1: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    data, ckpt, _ = stage1
+    history = train_rl(ckpt, data, tmp_path / "run", _cfg(iterations=2, lr=1e-3, warmup_steps=1000))
+    steps = [h["optimizer_steps"] for h in history]
+    assert all(steps)
+    # After k steps the next step's lr is lr * (k + 1) / warmup_steps.
+    assert history[0]["lr"] == pytest.approx(1e-3 * (steps[0] + 1) / 1000)
+    assert history[1]["lr"] == pytest.approx(1e-3 * (sum(steps) + 1) / 1000)
+    plain = train_rl(ckpt, data, tmp_path / "plain", _cfg(iterations=1, lr=1e-3))
+    assert plain[0]["lr"] == 1e-3
 
 
 def test_behaviour_logprobs_match_a_teacher_forced_recompute(
@@ -170,7 +192,16 @@ def test_kill_during_rollout_and_update_loses_and_duplicates_nothing(
 ) -> None:
     data, ckpt, _ = stage1
     # Enough update steps (batch 1, 3 epochs) that the update phase is long enough to be hit.
-    cfg = _cfg(iterations=2, tasks_per_iteration=2, max_steps=2, epochs=3, batch_size=1, num_threads=1)
+    # Warm-up spans both iterations, so the resumed run must also restore the lr schedule's position.
+    cfg = _cfg(
+        iterations=2,
+        tasks_per_iteration=2,
+        max_steps=2,
+        epochs=3,
+        batch_size=1,
+        num_threads=1,
+        warmup_steps=500,
+    )
     config = tmp_path / "rl.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump()))
     torch.set_num_threads(1)
@@ -199,5 +230,7 @@ def test_kill_during_rollout_and_update_loses_and_duplicates_nothing(
         assert [r.model_dump(exclude={"source"}) for r in got] == [
             r.model_dump(exclude={"source"}) for r in want
         ]
-    iterations = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert iterations == [0, 1]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [0, 1]
+    reference_lines = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [x["lr"] for x in lines] == [x["lr"] for x in reference_lines]

@@ -228,7 +228,10 @@ class Experiment:
 
     def rl_path(self, seed: int, method: MethodSpec) -> Path:
         init = self.il_path(seed, method.il, self.data_path(seed))
-        return self.seed_dir(seed) / f"rl-{_key([init.name, self.rl_config(seed, method).model_dump()])}"
+        rl_cfg = self.rl_config(seed, method)
+        # Without warm-up, the key the settings had before `warmup_steps` existed: earlier runs stay cached.
+        settings = rl_cfg.model_dump(exclude={"warmup_steps"} if not rl_cfg.warmup_steps else None)
+        return self.seed_dir(seed) / f"rl-{_key([init.name, settings])}"
 
     def rl_run(self, seed: int, method: MethodSpec) -> Path:
         rl_cfg = self.rl_config(seed, method)

@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     RUN/buffer/iter_0000.jsonl   rollout records of iteration 0 (policy version 0), written atomically
-    RUN/latest/                  checkpoint (manifest version = finished iterations), optimizer state,
+    RUN/latest/                  checkpoint (manifest version = finished iterations), optimizer and lr state,
                                  state.json; replaced as a whole after each iteration
     RUN/metrics.jsonl            one line per iteration
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from retroact.agent.loop import LoopConfig
@@ -52,6 +52,7 @@ from retroact.train.common import (
     clip_and_step,
     load_state,
     make_optimizer,
+    make_scheduler,
     save_state,
     set_num_threads,
     write_checkpoint,
@@ -102,6 +103,12 @@ class RLConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="RL samples per optimizer step.")
     il_batch_size: int = Field(8, ge=1, description="IL examples drawn per optimizer step for L_IL.")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Linear lr warm-up over the run's first N optimizer steps (0: none). RL starts a fresh "
+        "AdamW on IL's weights, whose first steps move every weight by about lr whatever its gradient.",
+    )
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip; null: none.")
     max_length: int = Field(4096, ge=2, description="IL examples longer than this are dropped.")
@@ -141,7 +148,7 @@ def train_rl(
     set_num_threads(cfg.num_threads)
     latest = _latest_dir(run)
     state: dict[str, Any] = json.loads((latest / "state.json").read_text()) if latest else {}
-    if state and state["config"] != cfg.model_dump(exclude=RESUMABLE):
+    if state and _stored_config(run, state["config"]) != cfg.model_dump(exclude=RESUMABLE):
         raise RLError(f"{run}: cannot resume with different settings; use the original config or a new --out")
     done = int(state.get("iteration", 0))
     ckpt = latest / "ckpt" if latest else Path(init_ckpt)
@@ -155,8 +162,12 @@ def train_rl(
     optimizer = make_optimizer(
         [p for u in train_units for p in trainable.parameters(u)], cfg.lr, cfg.weight_decay
     )
+    scheduler = make_scheduler(optimizer, "constant", cfg.warmup_steps, cfg.warmup_steps)
     if latest is not None:
-        group.load_optimizer_state(optimizer, load_state(latest / "optimizer.pt")["optimizer"])
+        saved = load_state(latest / "optimizer.pt")
+        group.load_optimizer_state(optimizer, saved["optimizer"])
+        if "scheduler" in saved:  # runs saved before warm-up existed had none, and a constant lr
+            scheduler.load_state_dict(saved["scheduler"])
     il_examples = (
         {r: load_role_data(il_data, r, tokenizer, max_length=cfg.max_length).examples for r in roles_to_train}
         if cfg.lam > 0
@@ -227,6 +238,7 @@ def train_rl(
                 samples,
                 il_examples,
                 optimizer,
+                scheduler,
                 cfg,
                 pad_id,
                 seed=cfg.seed * 1_000_003 + it,
@@ -252,6 +264,7 @@ def train_rl(
             metrics_log.log("iteration", it + 1, **row)
             weights, optimizer_state = trainable.weights(), group.optimizer_state(optimizer)  # FSDP gathers
             if group.is_main:
+                optimizer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
                 _save_iteration(run, trainable, tokenizer, manifest, weights, optimizer_state, cfg, it + 1)
             row = group.broadcast_object(row)  # also holds the other ranks until RUN/latest is written
             history.append(row)
@@ -287,6 +300,14 @@ def _unique(tasks: Sequence[Any]) -> list[Any]:
     return list({t.id: t for t in tasks}.values())
 
 
+def _stored_config(run: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings with the defaults of settings added since (it ran with those)."""
+    try:
+        return RLConfig.model_validate(saved).model_dump(exclude=RESUMABLE)
+    except ValidationError as err:
+        raise RLError(f"{run}: its saved settings are not valid RLConfig settings: {err}") from None
+
+
 def _latest_dir(run: Path) -> Path | None:
     for name in ("latest", "latest.old"):  # .old survives a kill between the two renames
         if (run / name / "state.json").is_file():
@@ -315,7 +336,7 @@ def _save_iteration(
         manifest.model_copy(update={"version": finished, "stage": "rl"}),
         weights,
     )
-    save_state(staging / "optimizer.pt", {"optimizer": optimizer_state})
+    save_state(staging / "optimizer.pt", optimizer_state)
     state = {
         "iteration": finished,
         "config": cfg.model_dump(exclude=RESUMABLE),
@@ -350,6 +371,7 @@ def _update(
     samples: list[RLSample],
     il_examples: dict[Role, list[ILExample]],
     optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: RLConfig,
     pad_id: int,
     *,
@@ -413,6 +435,7 @@ def _update(
                 if clip_and_step(params, optimizer, cfg.grad_clip) is None:
                     skipped += 1
                     continue
+                scheduler.step()
                 sums["loss_rl"] += loss_rl
                 sums["loss_il"] += loss_il
                 sums["ratio"] += ratio
@@ -427,6 +450,7 @@ def _update(
         "mean_ratio": sums["ratio"] / done if steps > skipped else math.nan,
         "clipped_fraction": sums["clipped"] / done,
         "entropy": sums["entropy"] / done,
+        "lr": scheduler.get_last_lr()[0],
     }
 
 
