@@ -264,8 +264,8 @@ def train_rl(
             metrics_log.log("iteration", it + 1, **row)
             weights, optimizer_state = trainable.weights(), group.optimizer_state(optimizer)  # FSDP gathers
             if group.is_main:
-                optimizer_state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
-                _save_iteration(run, trainable, tokenizer, manifest, weights, optimizer_state, cfg, it + 1)
+                optimizer_file = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
+                _save_iteration(run, trainable, tokenizer, manifest, weights, optimizer_file, cfg, it + 1)
             row = group.broadcast_object(row)  # also holds the other ranks until RUN/latest is written
             history.append(row)
             if group.is_main:
@@ -321,7 +321,7 @@ def _save_iteration(
     tokenizer: Any,
     manifest: Any,
     weights: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    optimizer_file: dict[str, Any],
     cfg: RLConfig,
     finished: int,
 ) -> None:
@@ -336,7 +336,7 @@ def _save_iteration(
         manifest.model_copy(update={"version": finished, "stage": "rl"}),
         weights,
     )
-    save_state(staging / "optimizer.pt", optimizer_state)
+    save_state(staging / "optimizer.pt", optimizer_file)  # optimizer and lr-schedule state
     state = {
         "iteration": finished,
         "config": cfg.model_dump(exclude=RESUMABLE),
