@@ -131,6 +131,14 @@ def _key(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _key_settings(cfg: BaseModel, added: set[str]) -> dict[str, Any]:
+    """``cfg``'s settings for a stage key, without the ``added`` ones (settings that came after stages
+    were first cached) while they keep their defaults: the key is then the one it had before they
+    existed, and earlier runs stay cached."""
+    defaults = {name for name in added if getattr(cfg, name) == type(cfg).model_fields[name].default}
+    return cfg.model_dump(exclude=defaults)
+
+
 class Experiment:
     """Runs the stages a method needs, once per seed, reusing what is already on disk."""
 
@@ -183,8 +191,7 @@ class Experiment:
     # an earlier stage by its directory name, not its path, so a stages directory can be moved.
     def data_path(self, seed: int) -> Path:
         c = self.cfg.collect
-        # Without mistakes, the key the settings had before `mistakes` existed: earlier runs stay cached.
-        settings = c.model_dump(exclude={"mistakes"} if not c.mistakes else None)
+        settings = _key_settings(c, {"mistakes"})
         return self.seed_dir(seed) / f"data-{_key([self.cfg.env, self.cfg.env_options, settings])}"
 
     def data_dir(self, seed: int) -> Path:
@@ -228,9 +235,7 @@ class Experiment:
 
     def rl_path(self, seed: int, method: MethodSpec) -> Path:
         init = self.il_path(seed, method.il, self.data_path(seed))
-        rl_cfg = self.rl_config(seed, method)
-        # Without warm-up, the key the settings had before `warmup_steps` existed: earlier runs stay cached.
-        settings = rl_cfg.model_dump(exclude={"warmup_steps"} if not rl_cfg.warmup_steps else None)
+        settings = _key_settings(self.rl_config(seed, method), {"warmup_steps"})
         return self.seed_dir(seed) / f"rl-{_key([init.name, settings])}"
 
     def rl_run(self, seed: int, method: MethodSpec) -> Path:
