@@ -213,6 +213,17 @@ def test_curves_compare_runs_by_episodes(tmp_path: Path) -> None:
         and "| 2 | 30 | 0.200 | 20 | 0.200 |" in seeds.output
     )
     assert "| 3 |  |  | 30 | 0.300 |" in seeds.output
+    # --smooth: trailing means (the first points average what there is); "reaches" uses them too.
+    labelled = [str(off), str(on), "--name", "off", "--name", "on"]
+    smooth = CliRunner().invoke(app, ["curves", *labelled, "--smooth", "2"])
+    assert smooth.exit_code == 0, smooth.output
+    assert "train reward: trailing mean over 2 iterations" in smooth.output
+    assert "| 1 | 10 | 0.150 | 10 | 0.150 |" in smooth.output
+    assert "| 2 | 20 | 0.225 | 20 | 0.175 |" in smooth.output
+    reach = "off reaches on's final train reward (0.300) at iteration 3, 30 episodes (75.0% of on's 40)"
+    assert reach in smooth.output
+    bad = CliRunner().invoke(app, ["curves", str(off), "--smooth", "0"])
+    assert bad.exit_code != 0 and "--smooth" in bad.output
     # Without labels, two runs with the same directory name would be averaged silently: refused.
     twins = [str(_fake_run(tmp_path / d / "run", [[0.1, 0.1]], [10])) for d in ("a", "b")]
     same = CliRunner().invoke(app, ["curves", *twins])

@@ -425,10 +425,18 @@ def curves_cmd(
         ),
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Also write the learning-curve plot to this PNG.")] = None,
+    smooth: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Replace each train reward by its trailing mean over this many iterations (after "
+            "averaging same-label runs), in the table, the 'reaches' lines and the plot; 1: raw.",
+        ),
+    ] = 1,
 ) -> None:
     """Compare RL learning curves: train reward per iteration against episodes (e.g. off- vs on-policy)."""
     from retroact.eval.report import curves_markdown, plot_learning_curves
-    from retroact.train.rl import learning_curve, mean_curve
+    from retroact.train.rl import learning_curve, mean_curve, smooth_curve
 
     labels = name or [run.name for run in runs]
     if len(labels) != len(runs):
@@ -440,9 +448,11 @@ def curves_cmd(
         groups.setdefault(label, []).append(run)
     curves: dict[str, list[dict[str, Any]]] = {}
     for label, group in groups.items():
-        curves[label] = mean_curve([learning_curve(run) for run in group])
+        curves[label] = smooth_curve(mean_curve([learning_curve(run) for run in group]), smooth)
         if len(group) > 1:
             typer.echo(f"{label}: mean of {len(group)} runs over their first {len(curves[label])} iterations")
+    if smooth > 1:
+        typer.echo(f"train reward: trailing mean over {smooth} iterations")
     typer.echo(curves_markdown(curves))  # markdown, unwrapped
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)

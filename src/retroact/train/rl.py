@@ -600,6 +600,24 @@ def mean_curve(curves: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return points
 
 
+def smooth_curve(points: list[dict[str, Any]], window: int) -> list[dict[str, Any]]:
+    """A learning curve with each value replaced by its trailing mean over the last ``window`` iterations.
+
+    Trailing (only past iterations) so a point never uses rewards the run had not yet collected; the
+    first points average what there is. ``window`` 1 returns the curve unchanged."""
+    if window < 1:
+        raise ValueError(f"smoothing window must be at least 1, got {window}")
+
+    def trailing(i: int, key: str) -> float | None:
+        values = [p[key] for p in points[max(0, i + 1 - window) : i + 1]]
+        return None if None in values else sum(values) / len(values)
+
+    return [
+        {**p, "train_reward": trailing(i, "train_reward"), "eval_FR": trailing(i, "eval_FR")}
+        for i, p in enumerate(points)
+    ]
+
+
 def _progress_line(row: dict[str, Any], total: int) -> str:
     train = row["train"]
     ev = row.get("eval", {})
