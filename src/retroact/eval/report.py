@@ -136,7 +136,8 @@ def curves_markdown(curves: dict[str, list[dict[str, Any]]]) -> str:
     """Train reward per iteration of each run, and where each run first reaches each other run's final.
 
     "Reaches" compares points, so the per-point noise of the train reward (one slice of tasks per
-    iteration) applies to it; runs compared this way should roll out the same slices (same seed)."""
+    iteration) applies to it (``smooth_curve`` first compares trailing means instead); runs compared
+    this way should roll out the same slices (same seed)."""
     curves = {name: pts for name, pts in curves.items() if pts}  # results.json may hold a run's empty curve
     if not curves:
         return ""
