@@ -99,16 +99,15 @@ def token_logprobs(
     keep = batch.target_mask.bool()
     if where is not None:
         keep &= where.to(keep.device).bool()
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-              "position_ids": batch.position_ids, "use_cache": False}
     parts = _backbone_and_head(model)
     if parts is None:
         # Column j of the kept logits predicts output token j.
-        logits = model(**inputs, logits_to_keep=t_len + 1).logits[:, :-1][keep]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False, logits_to_keep=t_len + 1)
+        logits = logits.logits[:, :-1][keep]
     else:
         backbone, head = parts
-        hidden = backbone(**inputs).last_hidden_state[:, -t_len - 1 : -1]
-        logits = head(hidden[keep])
+        logits = head(_hidden_at_targets(backbone, batch, keep))
     logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
@@ -118,6 +117,24 @@ def token_logprobs(
     if with_entropy:
         entropy = _scatter(keep, -(logp_all.exp() * logp_all).sum(-1)).to(home)
     return _scatter(keep, logp).to(home), entropy
+
+
+def _hidden_at_targets(backbone: torch.nn.Module, batch: TokenBatch, keep: torch.Tensor) -> torch.Tensor:
+    """The backbone's hidden states that predict the ``keep`` output tokens, in row-major order.
+
+    Each row is shifted left past its prompt padding, so all padding sits at the end, where causal
+    attention already hides it from every real token: the backbone then runs without an attention
+    mask, which lets torch take its fused causal kernel (on CPU about 20% less time per forward and
+    backward on the tiny model than with the padding mask).
+    """
+    rows, cols = keep.nonzero(as_tuple=True)
+    n_cols = batch.input_ids.shape[1]
+    left_pad = batch.attention_mask.argmax(-1)  # every prompt has a token, so the first 1 is its start
+    index = (torch.arange(n_cols, device=left_pad.device) + left_pad[:, None]).clamp(max=n_cols - 1)
+    hidden = backbone(input_ids=batch.input_ids.gather(1, index), use_cache=False).last_hidden_state
+    # Output token j sits at column n_cols - t_len + j of the padded layout, its prediction one earlier.
+    prompt_end = n_cols - batch.targets.shape[1]
+    return hidden[rows, prompt_end - 1 + cols - left_pad[rows]]
 
 
 def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
