@@ -4,7 +4,7 @@ Prompts are left-padded and outputs right-padded so every output starts at the s
 Logits are materialised only where a loss needs them: at the target tokens (the backbone's hidden
 states go through the LM head at masked positions only), so memory and head compute scale with the
 number of model-written tokens, not B x T x V. Padding is explicit (attention mask), never inferred
-from ids.
+from ids; the backbone itself runs on rows shifted so their padding trails (:func:`_hidden_at_targets`).
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def token_logprobs(
     parts = _backbone_and_head(model)
     if parts is None:
         # Column j of the kept logits predicts output token j.
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False, logits_to_keep=t_len + 1)
-        logits = logits.logits[:, :-1][keep]
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False, logits_to_keep=t_len + 1)
+        logits = out.logits[:, :-1][keep]
     else:
         backbone, head = parts
         logits = head(_hidden_at_targets(backbone, batch, keep))
@@ -124,8 +124,8 @@ def _hidden_at_targets(backbone: torch.nn.Module, batch: TokenBatch, keep: torch
 
     Each row is shifted left past its prompt padding, so all padding sits at the end, where causal
     attention already hides it from every real token: the backbone then runs without an attention
-    mask, which lets torch take its fused causal kernel (on CPU about 20% less time per forward and
-    backward on the tiny model than with the padding mask).
+    mask, which lets torch take its fused causal kernel (tiny model, demo batches, forward + backward:
+    1.09x the masked throughput on two idle CPU cores, 1.21x on one thread beside another job).
     """
     rows, cols = keep.nonzero(as_tuple=True)
     n_cols = batch.input_ids.shape[1]
