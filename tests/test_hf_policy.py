@@ -236,6 +236,27 @@ def test_shared_lora_adapter_serves_both_roles(model_dir: Path, tmp_path: Path) 
     assert out["planner"] == out["reflector"]
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_a_role_without_a_directory_runs_the_base_model(
+    model_dir: Path, tmp_path: Path, finetune: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`retroact il` with `roles: [planner]` writes such a checkpoint (eval pairs it with a reflector)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if finetune == "lora":
+        get_peft_model(model, LORA, adapter_name="planner").save_pretrained(tmp_path)
+    else:
+        with torch.no_grad():
+            model.model.norm.weight.mul_(0.5)
+        model.save_pretrained(tmp_path / "planner")
+    roles = {"planner": "planner"}
+    save_manifest(tmp_path, CheckpointManifest(base_model=str(model_dir), finetune=finetune, roles=roles))
+    loaded = HFPolicy.load(tmp_path)
+    assert "no directory for reflector; that role runs the base model" in caplog.text
+    out, base = logprobs_by_role(loaded), logprobs_by_role(HFPolicy.load(model_dir))
+    assert out["reflector"] == pytest.approx(base["reflector"], abs=1e-5)
+    assert out["planner"] != pytest.approx(base["planner"], abs=1e-3)
+
+
 def test_full_models_per_role(model_dir: Path, tmp_path: Path) -> None:
     for sub, scale in (("planner", 1.0), ("reflector", 0.5)):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -273,10 +294,8 @@ def test_load_errors(model_dir: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=f"{MANIFEST}: invalid checkpoint manifest"):
         HFPolicy.load(tmp_path)
-    save_manifest(
-        tmp_path, CheckpointManifest(base_model=str(model_dir), finetune="lora", roles={"planner": "p"})
-    )
-    with pytest.raises(ValueError, match="roles: no directory for reflector"):
+    save_manifest(tmp_path, CheckpointManifest(base_model=str(model_dir), finetune="lora", roles={}))
+    with pytest.raises(ValueError, match="roles: no role directory at all"):
         HFPolicy.load(tmp_path)
     roles = {"planner": "p", "reflector": "r"}
     save_manifest(tmp_path, CheckpointManifest(base_model=str(model_dir), finetune="lora", roles=roles))

@@ -10,6 +10,7 @@ nothing here assumes one architecture or tokenizer: any causal LM that transform
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -25,6 +26,8 @@ from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, Sampl
 from retroact.models.chat import PromptFormat, SegmentEncoder, TokenizerIO, drop_end_of_turn
 from retroact.models.checkpoint import MANIFEST, is_checkpoint, load_manifest
 from retroact.models.prefix_cache import CachedRow, PrefixCache, assemble, cacheable, extract
+
+log = logging.getLogger(__name__)
 
 ROLES: tuple[Role, ...] = ("planner", "reflector")
 
@@ -343,20 +346,24 @@ def _load_checkpoint(
 ) -> HFPolicy:
     """A checkpoint (see :mod:`retroact.models.checkpoint`) as a policy.
 
-    LoRA adapters are named after their role, or ``shared`` when both roles use one directory.
+    LoRA adapters are named after their role, or ``shared`` when both roles use one directory. A
+    role the checkpoint has no directory for (``retroact il`` with ``roles: [planner]``) runs the
+    base model, with a warning.
     """
     manifest = load_manifest(path)
     where = path / MANIFEST
+    if not manifest.roles:
+        raise ValueError(f"{where}: roles: no role directory at all")
     missing = [r for r in ROLES if r not in manifest.roles]
     if missing:
-        raise ValueError(f"{where}: roles: no directory for {', '.join(missing)}")
+        log.warning("%s: no directory for %s; that role runs the base model", where, ", ".join(missing))
     for role, sub in manifest.roles.items():
         if not (path / sub).is_dir():
             raise FileNotFoundError(f"{where}: roles.{role}: directory {path / sub} does not exist")
     base = path / manifest.base_model  # a relative base is looked up beside the checkpoint first
     base_src = base if base.exists() else manifest.base_model
     tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else base_src)
-    dirs = {role: manifest.roles[role] for role in ROLES}
+    dirs = dict(manifest.roles)
     policy = partial(
         HFPolicy,
         tokenizer=tokenizer,
@@ -367,10 +374,13 @@ def _load_checkpoint(
     )
     if manifest.finetune == "full":
         by_dir = {sub: load_causal_lm(path / sub) for sub in set(dirs.values())}
-        return policy({role: by_dir[sub] for role, sub in dirs.items()})
+        models = {role: by_dir[sub] for role, sub in dirs.items()}
+        if missing:
+            models |= dict.fromkeys(missing, load_causal_lm(base_src))
+        return policy(models)
     names = {role: "shared" if list(dirs.values()).count(sub) > 1 else role for role, sub in dirs.items()}
     model: torch.nn.Module = load_causal_lm(base_src)
-    for adapter, sub in {names[role]: dirs[role] for role in ROLES}.items():
+    for adapter, sub in {names[role]: sub for role, sub in dirs.items()}.items():
         try:
             if isinstance(model, PeftModel):
                 model.load_adapter(path / sub, adapter_name=adapter, is_trainable=trainable)
