@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from retroact.agent.loop import LoopConfig
 from retroact.agent.records import read_records
 from retroact.data.collect import collect
 from retroact.envs import get_spec
+from retroact.models.checkpoint import CheckpointManifest, load_manifest, save_manifest
 from retroact.models.hf import HFPolicy
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.train.il import ILConfig, train_il
@@ -89,6 +91,28 @@ def test_iterations_fill_the_buffer_and_log_metrics(stage1: tuple[Path, Path, Pa
         train_rl(
             ckpt, data, tmp_path / "run", _cfg(iterations=2, eval_tasks=2, eval_trials=1, warmup_steps=5)
         )
+
+
+def test_a_checkpoint_without_a_reflector(stage1: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """LoRA: the reflector runs the base model and only the planner trains; full models: refused."""
+    data, ckpt, _ = stage1
+    manifest = load_manifest(ckpt)
+    ckpt_lora = tmp_path / "lora-planner-only"
+    shutil.copytree(ckpt, ckpt_lora)
+    shutil.rmtree(ckpt_lora / "reflector")
+    save_manifest(ckpt_lora, manifest.model_copy(update={"roles": {"planner": "planner"}}))
+    history = train_rl(ckpt_lora, data, tmp_path / "run-lora", _cfg())
+    assert history[-1]["optimizer_steps"] > 0
+    assert load_manifest(tmp_path / "run-lora" / "latest" / "ckpt").roles == {"planner": "planner"}
+
+    base = manifest.base_model
+    ckpt_full = tmp_path / "planner-only"
+    shutil.copytree(base, ckpt_full / "planner")
+    shutil.copytree(ckpt / "tokenizer", ckpt_full / "tokenizer")
+    roles = {"planner": "planner"}
+    save_manifest(ckpt_full, CheckpointManifest(base_model=base, finetune="full", roles=roles))
+    with pytest.raises(RLError, match="planner-only: no reflector model; RL of full models needs both roles"):
+        train_rl(ckpt_full, data, tmp_path / "run", _cfg())
 
 
 def test_warmup_raises_the_lr_linearly_over_the_first_steps(

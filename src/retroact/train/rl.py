@@ -153,6 +153,12 @@ def train_rl(
     done = int(state.get("iteration", 0))
     ckpt = latest / "ckpt" if latest else Path(init_ckpt)
     trainable, manifest = Trainable.from_checkpoint(ckpt)
+    missing = [r for r in ROLES if r not in manifest.roles]
+    if trainable.finetune == "full" and missing:  # LoRA runs a missing role on the base model
+        raise RLError(
+            f"{ckpt}: no {' or '.join(missing)} model; RL of full models needs both roles "
+            "(`retroact il` trains both unless its config sets `roles`)"
+        )
     group.broadcast_parameters(trainable.all_parameters())
     group.shard(trainable.modules)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
