@@ -20,7 +20,7 @@ from retroact.agent.loop import LoopConfig, run_trials
 from retroact.agent.rollout import RolloutConfig, Rollouts, export_state
 from retroact.envs import list_tasks
 from retroact.models.base import Generation, GenRequest, SamplingParams, Segment
-from retroact.models.checkpoint import CheckpointManifest
+from retroact.models.checkpoint import CheckpointManifest, load_manifest, save_manifest
 from retroact.models.hf import HFPolicy, load_causal_lm, load_tokenizer
 from retroact.models.vllm_policy import (
     AdapterError,
@@ -233,9 +233,15 @@ def test_checkpoints_the_engine_cannot_serve_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match="LoRA checkpoints only"):
         VLLMPolicy.from_checkpoint(_checkpoint(model_dir, tmp_path / "full", "full"))
+    lora = _checkpoint(model_dir, tmp_path / "lora")
+    manifest = load_manifest(lora)
+    save_manifest(lora, manifest.model_copy(update={"roles": {"planner": "planner"}}))
+    with pytest.raises(ValueError, match="no reflector adapter; the vLLM backend serves one per role"):
+        vllm.load_checkpoint(lora)
+    save_manifest(lora, manifest)
     vllm.settings = VLLMSettings(max_lora_rank=2)
     with pytest.raises(AdapterError, match="rank 4 > vllm.max_lora_rank 2"):
-        vllm.load_checkpoint(_checkpoint(model_dir, tmp_path / "lora"))
+        vllm.load_checkpoint(lora)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

@@ -265,6 +265,12 @@ def _lora_manifest(ckpt: Path) -> CheckpointManifest:
             f"{ckpt / MANIFEST}: finetune is {manifest.finetune!r}; the vLLM backend serves LoRA "
             "checkpoints only (it never syncs weights in place); use generation backend `hf`"
         )
+    missing = [r for r in ROLES if r not in manifest.roles]
+    if missing:
+        raise ValueError(
+            f"{ckpt / MANIFEST}: no {' or '.join(missing)} adapter; the vLLM backend serves one per role "
+            "(generation backend `hf` runs a missing role on the base model)"
+        )
     return manifest
 
 
