@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from retroact.agent.loop import LoopConfig, LoopResult, run_trials
 from retroact.envs import EnvSpec, Task
-from retroact.models.base import Policy, Role
+from retroact.models.base import ROLES, Policy, Role
 from retroact.models.chat import PromptFormat
-from retroact.models.hf import ROLES, HFPolicy
+from retroact.models.hf import HFPolicy
 from retroact.models.vllm_policy import VLLMPolicy, VLLMSettings
 
 if TYPE_CHECKING:

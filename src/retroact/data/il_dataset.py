@@ -30,7 +30,6 @@ from retroact.models.logprobs import TokenBatch, collate
 log = logging.getLogger(__name__)
 
 LossScope = Literal["model_tokens", "trajectory"]
-ROLES: tuple[Role, ...] = ("planner", "reflector")
 
 
 class ILDataError(ValueError):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from retroact.envs.base import Task
 
 Role = Literal["planner", "reflector"]
+ROLES: tuple[Role, ...] = ("planner", "reflector")
 SegmentKind = Literal["prompt", "model", "env", "mistake"]
 """``mistake``: a wrong line a scripted expert wrote on purpose in the model's place (collection
 noise, see data/collect.py). A student reads it as its own line but is never trained to write it."""

@@ -19,6 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from retroact.models.base import ROLES, Role
+
 MANIFEST = "retroact.json"
 
 
@@ -34,6 +36,11 @@ class CheckpointManifest(BaseModel):
     version: int = 0
     """Adapter version: 0 after IL, +1 per RL iteration."""
     stage: str = "il"
+
+    @property
+    def missing_roles(self) -> list[Role]:
+        """Roles without a directory (``retroact il`` with ``roles: [planner]`` writes such checkpoints)."""
+        return [r for r in ROLES if r not in self.roles]
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -22,14 +22,20 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams, checked_context
+from retroact.models.base import (
+    ROLES,
+    Generation,
+    GenRequest,
+    PolicyInfo,
+    Role,
+    SamplingParams,
+    checked_context,
+)
 from retroact.models.chat import PromptFormat, SegmentEncoder, TokenizerIO, drop_end_of_turn
 from retroact.models.checkpoint import MANIFEST, is_checkpoint, load_manifest
 from retroact.models.prefix_cache import CachedRow, PrefixCache, assemble, cacheable, extract
 
 log = logging.getLogger(__name__)
-
-ROLES: tuple[Role, ...] = ("planner", "reflector")
 
 
 class HFPolicy(TokenizerIO):
@@ -354,7 +360,7 @@ def _load_checkpoint(
     where = path / MANIFEST
     if not manifest.roles:
         raise ValueError(f"{where}: roles: no role directory at all")
-    missing = [r for r in ROLES if r not in manifest.roles]
+    missing = manifest.missing_roles
     if missing:
         log.warning("%s: no directory for %s; that role runs the base model", where, ", ".join(missing))
     for role, sub in manifest.roles.items():

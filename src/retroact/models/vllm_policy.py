@@ -28,14 +28,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from retroact.models.base import Generation, GenRequest, PolicyInfo, Role, SamplingParams, checked_context
+from retroact.models.base import (
+    ROLES,
+    Generation,
+    GenRequest,
+    PolicyInfo,
+    Role,
+    SamplingParams,
+    checked_context,
+)
 from retroact.models.chat import PromptFormat, SegmentEncoder, TokenizerIO, drop_end_of_turn
 from retroact.models.checkpoint import MANIFEST, CheckpointManifest, load_manifest
 
 if TYPE_CHECKING:
     from retroact.agent.rollout import PolicyState
 
-ROLES: tuple[Role, ...] = ("planner", "reflector")
 VLLM_HINT = "pip install 'retroact[vllm]' (on a machine with a GPU)"
 
 
@@ -265,11 +272,10 @@ def _lora_manifest(ckpt: Path) -> CheckpointManifest:
             f"{ckpt / MANIFEST}: finetune is {manifest.finetune!r}; the vLLM backend serves LoRA "
             "checkpoints only (it never syncs weights in place); use generation backend `hf`"
         )
-    missing = [r for r in ROLES if r not in manifest.roles]
-    if missing:
+    if manifest.missing_roles:
         raise ValueError(
-            f"{ckpt / MANIFEST}: no {' or '.join(missing)} adapter; the vLLM backend serves one per role "
-            "(generation backend `hf` runs a missing role on the base model)"
+            f"{ckpt / MANIFEST}: no {' or '.join(manifest.missing_roles)} adapter; the vLLM backend "
+            "serves one per role (generation backend `hf` runs a missing role on the base model)"
         )
     return manifest
 

@@ -41,8 +41,8 @@ from retroact.agent.rollout import RolloutConfig, Rollouts
 from retroact.data.il_dataset import ILExample, collate_examples, length_batches, load_role_data
 from retroact.envs import list_tasks
 from retroact.eval.evaluate import evaluate
-from retroact.models.base import Role
-from retroact.models.checkpoint import replace_dir
+from retroact.models.base import ROLES, Role
+from retroact.models.checkpoint import load_manifest, replace_dir
 from retroact.models.hf import HFPolicy, load_tokenizer
 from retroact.models.logprobs import collate, token_logprobs
 from retroact.train.common import (
@@ -62,7 +62,6 @@ from retroact.train.jpg import Normalisation, Objective, il_loss, joint_loss, rl
 from retroact.train.rewards import RewardConfig, RLSample, build_samples
 
 log = logging.getLogger(__name__)
-ROLES: tuple[Role, ...] = ("planner", "reflector")
 RESUMABLE = {"num_threads", "tensorboard", "iterations", "rollout"}
 """Settings a resumed run may change; where rollouts run (local or Ray, workers, address) among them."""
 
@@ -152,13 +151,13 @@ def train_rl(
         raise RLError(f"{run}: cannot resume with different settings; use the original config or a new --out")
     done = int(state.get("iteration", 0))
     ckpt = latest / "ckpt" if latest else Path(init_ckpt)
-    trainable, manifest = Trainable.from_checkpoint(ckpt)
-    missing = [r for r in ROLES if r not in manifest.roles]
-    if trainable.finetune == "full" and missing:  # LoRA runs a missing role on the base model
+    first = load_manifest(ckpt)  # checked before any model is loaded
+    if first.finetune == "full" and first.missing_roles:  # LoRA runs a missing role on the base model
         raise RLError(
-            f"{ckpt}: no {' or '.join(missing)} model; RL of full models needs both roles "
+            f"{ckpt}: no {' or '.join(first.missing_roles)} model; RL of full models needs both roles "
             "(`retroact il` trains both unless its config sets `roles`)"
         )
+    trainable, manifest = Trainable.from_checkpoint(ckpt)
     group.broadcast_parameters(trainable.all_parameters())
     group.shard(trainable.modules)
     tokenizer = load_tokenizer(ckpt / "tokenizer")
