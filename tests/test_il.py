@@ -299,6 +299,8 @@ def test_bad_inputs_name_the_problem(model_dir: Path, data_dir: Path, tmp_path: 
 def test_config_file(tmp_path: Path) -> None:
     example = load_config(REPO / "configs" / "il.yaml", ILConfig)
     assert example.model_dump() != ILConfig().model_dump()  # the example sets what it documents
+    smollm2 = load_config(REPO / "configs" / "il-smollm2.yaml", ILConfig)
+    assert (smollm2.lora.r, smollm2.max_steps, smollm2.roles) == (16, 200, ["planner"])
     assert ILConfig().lora.model_dump() == {
         "r": 8,
         "alpha": 16,
