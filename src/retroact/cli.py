@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="retroact",
@@ -64,7 +65,7 @@ def envs_cmd() -> None:
             spec = get_spec(name)
             console.print(f"{name:22s} splits: {', '.join(spec.splits)}; max steps {spec.max_steps}")
         except KeyError as err:
-            console.print(f"{name:22s} [dim]{err.args[0]}[/dim]")
+            console.print(f"{name:22s} [dim]{escape(str(err.args[0]))}[/dim]")
 
 
 @app.command("eval")
@@ -180,7 +181,8 @@ def collect_cmd(
                 on_chunk=lambda done, total: progress.update(bar, completed=done, total=total),
             )
         except BudgetExhausted as err:
-            console.print(f"[yellow]stopped:[/yellow] {err}; finished tasks are in {out}/progress.json")
+            stopped = escape(f"{err}; finished tasks are in {out}/progress.json")
+            console.print(f"[yellow]stopped:[/yellow] {stopped}")
             raise typer.Exit(3) from None
     console.print(
         f"episodes {stats['episodes']}, trial-1 success {stats['trial1_success']:.1%}, "
@@ -326,7 +328,7 @@ def data_cmd(ctx: typer.Context) -> None:
         ),
     ]:
         console.print(
-            f"\n{name}: {root / name} ({'found' if (root / name).is_dir() else 'MISSING'})\n  {what}"
+            f"\n{name}: {root / name} ({'found' if (root / name).is_dir() else 'MISSING'})\n  {escape(what)}"
         )
 
 
@@ -519,7 +521,9 @@ def main() -> None:
     try:
         app()
     except (ConfigError, RecordFileError, OSError, ValueError, KeyError) as err:
-        console.print(f"[red]error:[/red] {err.args[0] if isinstance(err, KeyError) else err}")
+        # Escaped: messages hold brackets ("pip install 'retroact[ray]'") that rich would take as markup.
+        message = str(err.args[0] if isinstance(err, KeyError) else err)
+        console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
         sys.exit(2)
 
 
