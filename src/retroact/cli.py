@@ -327,8 +327,9 @@ def data_cmd(ctx: typer.Context) -> None:
             "json_2.1.1/{valid_train,valid_seen,valid_unseen} game files (needs `retroact[alfworld]`)",
         ),
     ]:
-        console.print(
-            f"\n{name}: {root / name} ({'found' if (root / name).is_dir() else 'MISSING'})\n  {escape(what)}"
+        console.print(  # plain text: paths and `retroact[alfworld]` hold brackets rich would take as markup
+            f"\n{name}: {root / name} ({'found' if (root / name).is_dir() else 'MISSING'})\n  {what}",
+            markup=False,
         )
 
 

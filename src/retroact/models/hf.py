@@ -369,7 +369,6 @@ def _load_checkpoint(
     base = path / manifest.base_model  # a relative base is looked up beside the checkpoint first
     base_src = base if base.exists() else manifest.base_model
     tokenizer = load_tokenizer(path / "tokenizer" if (path / "tokenizer").is_dir() else base_src)
-    dirs = dict(manifest.roles)
     policy = partial(
         HFPolicy,
         tokenizer=tokenizer,
@@ -379,14 +378,15 @@ def _load_checkpoint(
         prompt_format=prompt_format,
     )
     if manifest.finetune == "full":
-        by_dir = {sub: load_causal_lm(path / sub) for sub in set(dirs.values())}
-        models = {role: by_dir[sub] for role, sub in dirs.items()}
+        by_dir = {sub: load_causal_lm(path / sub) for sub in set(manifest.roles.values())}
+        models = {role: by_dir[sub] for role, sub in manifest.roles.items()}
         if missing:
             models |= dict.fromkeys(missing, load_causal_lm(base_src))
         return policy(models)
-    names = {role: "shared" if list(dirs.values()).count(sub) > 1 else role for role, sub in dirs.items()}
+    subs = list(manifest.roles.values())
+    names = {role: "shared" if subs.count(sub) > 1 else role for role, sub in manifest.roles.items()}
     model: torch.nn.Module = load_causal_lm(base_src)
-    for adapter, sub in {names[role]: sub for role, sub in dirs.items()}.items():
+    for adapter, sub in {names[role]: sub for role, sub in manifest.roles.items()}.items():
         try:
             if isinstance(model, PeftModel):
                 model.load_adapter(path / sub, adapter_name=adapter, is_trainable=trainable)
